@@ -1,0 +1,45 @@
+# The targets CI and people both run. `make ci` is what .ci/run calls.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: install install-test system-deps run lint format typecheck test ci bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python  ## the gateway alone
+	$(BIN)/pip install --quiet -e .
+
+run: install  ## run on the embedded default: SMTP 127.0.0.1:2525, outbox provider
+	$(BIN)/smtp2api serve
+
+system-deps:  ## Debian packages the interop and service tests use (needs root)
+	./scripts/install-system-deps
+
+install-test: $(BIN)/python system-deps  ## everything the test suite needs
+	$(BIN)/pip install --quiet -e '.[test]'
+
+lint:
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format:
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+typecheck:
+	$(BIN)/mypy src
+
+test:
+	$(BIN)/pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+
+ci: install-test lint typecheck test  ## install what the tests need, then run all of it
+
+bench: install-test
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .coverage htmlcov dist build

@@ -1,0 +1,179 @@
+"""Raw message bytes + envelope -> ``Message`` (pure, no I/O). Owns which recipients are To, Cc
+and Bcc, the decoded subject, bodies and attachments, the custom headers kept, and the raw bytes
+forwarded to raw-MIME providers (Bcc and control headers cut out, nothing else changed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smtp2api.controls import Controls, extract_controls, is_control_header
+from smtp2api.errors import MessageError
+from smtp2api.mime_headers import (
+    HeaderField,
+    HeaderSection,
+    parse_mailboxes,
+    scan_headers,
+    without_fields,
+)
+from smtp2api.mime_parts import parse_tree, walk
+from smtp2api.mime_text import clean_line
+from smtp2api.models import Address, Envelope, Message
+
+# Forwarded to JSON APIs as custom headers (threading, list handling, auto-reply suppression),
+# besides every X-* that is not a control header.
+_KEPT_HEADERS = frozenset(
+    {
+        "message-id",
+        "in-reply-to",
+        "references",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "list-id",
+        "auto-submitted",
+        "precedence",
+    }
+)
+# RFC 5322 §3.6.3 and §3.6.6: blind copies are never shown to other recipients.
+_BLIND_HEADERS = frozenset({"bcc", "resent-bcc"})
+
+
+@dataclass(frozen=True)
+class MimeLimits:
+    """Bounds on what one message may make the parser do; exceeding one is a MessageError."""
+
+    max_depth: int = 20  # nesting of multipart and message/* parts
+    max_parts: int = 500  # parts in the whole tree
+    max_headers: int = 1000  # header fields, top level and all parts together
+    max_header_bytes: int = 1_000_000  # bytes of header fields, top level and all parts
+
+
+def parse_message(
+    raw: bytes,
+    envelope: Envelope,
+    msg_id: str,
+    *,
+    received: bytes = b"",
+    limits: MimeLimits = MimeLimits(),
+) -> Message:
+    """Parse ``raw`` for ``envelope``; raises MessageError and nothing else."""
+    return parse_with_controls(raw, envelope, msg_id, received=received, limits=limits)[0]
+
+
+def parse_with_controls(
+    raw: bytes,
+    envelope: Envelope,
+    msg_id: str,
+    *,
+    received: bytes = b"",
+    limits: MimeLimits = MimeLimits(),
+) -> tuple[Message, Controls]:
+    """``parse_message`` plus the full Controls (stream and configuration set have no field in
+    Message yet)."""
+    try:
+        return _parse(raw, envelope, msg_id, received, limits)
+    except MessageError:
+        raise
+    except Exception as exc:  # safety net: each known failure is handled where it happens
+        raise MessageError(f"unparseable message ({type(exc).__name__})") from exc
+
+
+def _parse(
+    raw: bytes, envelope: Envelope, msg_id: str, received: bytes, limits: MimeLimits
+) -> tuple[Message, Controls]:
+    section = scan_headers(raw, max_fields=limits.max_headers, max_bytes=limits.max_header_bytes)
+    named = [f for f in section.fields if f.name]
+    # Controls see the unfolded text; each handler decides about RFC 2047 (JSON must not be
+    # decoded blindly).
+    controls = extract_controls([(f.name, f.text(encoded_words=False)) for f in named])
+    dropped = [f for f in named if f.key in _BLIND_HEADERS or is_control_header(f.name)]
+
+    root = parse_tree(
+        raw,
+        max_depth=limits.max_depth,
+        max_parts=limits.max_parts,
+        max_headers=limits.max_headers,
+        max_header_bytes=limits.max_header_bytes,
+    )
+    body = walk(root, linesep="\r\n" if b"\r\n" in raw else "\n")
+
+    to, cc, bcc = _split_recipients(envelope.rcpt_tos, section)
+    subject = section.first("subject")
+    message = Message(
+        id=msg_id,
+        raw=received + without_fields(raw, dropped),
+        from_=_sender(section),
+        to=to,
+        cc=cc,
+        bcc=bcc,
+        reply_to=tuple(
+            Address(addr, name) for name, addr in _mailboxes(section, "reply-to") if addr
+        ),
+        subject=subject.text() if subject else "",
+        text=body.text,
+        html=body.html,
+        headers=tuple(_custom_headers(named)),
+        attachments=tuple(body.attachments),
+        tags=controls.tags,
+        metadata=controls.metadata,
+        template=controls.template,
+        template_variables=controls.template_variables,
+    )
+    return message, controls
+
+
+def _mailboxes(section: HeaderSection, key: str) -> list[tuple[str, str | None]]:
+    return [box for f in section.all(key) for box in parse_mailboxes(f.value)]
+
+
+def _sender(section: HeaderSection) -> Address | None:
+    """The author: the first mailbox of the first From field, or None.
+
+    Policy for ambiguous From (to be pinned by the security review): RFC 5322 §3.6 allows one
+    From field; with several, the first one counts, and with several mailboxes in it (legal with
+    a Sender field), the first mailbox. If that mailbox is not exactly one valid addr-spec
+    (``a@x@y``, two angle-addrs, no domain), the result is None rather than a guess between
+    ``a@x`` and ``x@y``: callers fall back to the envelope sender, which policy has checked.
+    """
+    field = section.first("from")
+    boxes = parse_mailboxes(field.value) if field else []
+    name, addr = boxes[0] if boxes else ("", None)
+    return Address(addr, name) if addr else None
+
+
+def _split_recipients(
+    rcpt_tos: tuple[str, ...], section: HeaderSection
+) -> tuple[tuple[Address, ...], tuple[Address, ...], tuple[Address, ...]]:
+    """To/Cc/Bcc from the envelope, which is authoritative (design §2).
+
+    Each envelope recipient appears once (the first spelling of a case-insensitive duplicate
+    wins), in envelope order: in ``to`` when the To field names it, else in ``cc`` when Cc
+    does, else in ``bcc``. Addresses found only in header fields are dropped.
+    """
+    names: dict[str, dict[str, str]] = {"to": {}, "cc": {}, "bcc": {}}
+    for key, found in names.items():
+        for name, addr in _mailboxes(section, key):
+            if addr:
+                found.setdefault(addr.lower(), name)
+    out: dict[str, list[Address]] = {"to": [], "cc": [], "bcc": []}
+    seen: set[str] = set()
+    for rcpt in rcpt_tos:
+        lowered = rcpt.lower()
+        if lowered in seen:
+            continue
+        seen.add(lowered)
+        kind = "to" if lowered in names["to"] else "cc" if lowered in names["cc"] else "bcc"
+        out[kind].append(Address(rcpt, names[kind].get(lowered, "")))
+    return tuple(out["to"]), tuple(out["cc"]), tuple(out["bcc"])
+
+
+def _custom_headers(fields: list[HeaderField]) -> list[tuple[str, str]]:
+    kept: list[tuple[str, str]] = []
+    for f in fields:
+        key = f.key
+        if is_control_header(key) or not (key in _KEPT_HEADERS or key.startswith("x-")):
+            continue
+        # X-* are unstructured (decode RFC 2047); the others are structured, where an
+        # encoded-word may not appear (RFC 2047 §5), so their text is kept as written.
+        kept.append((clean_line(f.name), f.text(encoded_words=key.startswith("x-"))))
+    return kept

@@ -1,0 +1,404 @@
+"""The SMTP front: an aiosmtpd ``SMTP`` subclass for limits and TLS/AUTH rules, and the handler.
+
+The handler's hooks answer MAIL/RCPT with policy decisions and hand DATA to ``Intake``.
+Everything a client sees is an ``SMTPReply`` from ``replies.py``; aiosmtpd's own stock replies
+are translated to carry RFC 3463 enhanced codes (``_STOCK_REPLIES``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import re
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, Literal
+
+import structlog
+from aiosmtpd.smtp import SMTP, AuthResult, Session
+from aiosmtpd.smtp import Envelope as AioEnvelope
+
+from smtp2api import replies
+from smtp2api.auth import Authenticator
+from smtp2api.models import Envelope
+from smtp2api.policy import Policy
+from smtp2api.replies import SMTPReply
+
+log = structlog.get_logger("smtp2api.smtp")
+
+ListenerKind = Literal["starttls", "tls", "plain"]
+AcceptFn = Callable[[str, bytes, Envelope], Awaitable[SMTPReply]]
+SizeLimitFn = Callable[[str | None, str], int | None]
+
+# Replies aiosmtpd writes itself, rewritten to carry enhanced status codes (RFC 3463).
+_STOCK_REPLIES = {
+    "552 Error: Too much mail data": str(replies.R552_TOO_LARGE),
+    "552 Error: message size exceeds fixed maximum message size": str(replies.R552_TOO_LARGE),
+    "530 Must issue a STARTTLS command first": str(replies.R530_TLS_REQUIRED),
+    "500 Line too long (see RFC5321 4.5.3.1.6)": str(replies.R500_LINE_TOO_LONG),
+    "500 Command line too long": "500 5.5.2 Command line too long",
+    "503 Error: need MAIL command": "503 5.5.1 Need MAIL command first",
+    "503 Error: need RCPT command": "503 5.5.1 Need RCPT command first",
+    "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command",
+    "553 5.1.3 Error: malformed address": "553 5.1.3 Malformed address",
+}
+# RFC 5321 §4.1.2: no control characters in a path; NUL, CR, LF smuggle commands or headers.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_AUTH_FAILURES = 3
+_session_ids = itertools.count(1)
+
+
+class ConnectionTracker:
+    """Counts open connections in total and per client IP (``max_connections[_per_ip]``)."""
+
+    def __init__(self, max_total: int, max_per_ip: int) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self._per_ip: collections.Counter[str] = collections.Counter()
+
+    def try_open(self, ip: str) -> bool:
+        if self.total >= self.max_total or self._per_ip[ip] >= self.max_per_ip:
+            return False
+        self.total += 1
+        self._per_ip[ip] += 1
+        return True
+
+    def close(self, ip: str) -> None:
+        self.total -= 1
+        self._per_ip[ip] -= 1
+        if self._per_ip[ip] <= 0:
+            del self._per_ip[ip]
+
+
+@dataclass(frozen=True, slots=True)
+class FrontConfig:
+    """What every session of one listener needs; built once in ``app.py``."""
+
+    hostname: str
+    kind: ListenerKind
+    require_tls: bool
+    max_message_size: int
+    max_recipients: int
+    idle_timeout: float
+
+
+class GatewaySMTP(SMTP):
+    """One SMTP session: aiosmtpd's protocol with the gateway's limits and TLS/AUTH rules."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        front: FrontConfig,
+        tracker: ConnectionTracker,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        starttls = tls_context if front.kind == "starttls" else None
+        super().__init__(
+            handler,
+            data_size_limit=front.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=front.hostname,
+            ident="ESMTP",  # the banner names the host, never the software or its version
+            tls_context=starttls,
+            require_starttls=False,  # decided per peer in connection_made
+            timeout=front.idle_timeout,
+            auth_require_tls=front.kind != "tls",
+        )
+        # aiosmtpd keeps command_size_limits on the class and mutates it in EHLO; own a copy.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.front = front
+        self.tracker = tracker
+        self.session_id = f"s{next(_session_ids)}-{secrets.token_hex(3)}"
+        self.peer_ip = ""
+        self.trusted = False
+        self.auth_failures = 0
+        self._admitted = False
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:
+            return  # the STARTTLS re-entry: aiosmtpd has reset the session (RFC 3207 §4.2)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = str(peer[0]) if peer else ""
+        handler: Handler = self.event_handler
+        self.trusted = handler.policy.is_trusted(self.peer_ip)
+        if self.tracker.try_open(self.peer_ip):
+            self._admitted = True
+            handler.on_connection_result("accepted")
+        else:
+            self._refused = True
+            handler.on_connection_result("rejected_limit")
+        tls_required = self.front.require_tls and not self.trusted
+        if self.front.kind == "starttls":
+            self.require_starttls = bool(self.tls_context) and tls_required
+            self._auth_require_tls = tls_required
+        elif self.front.kind == "plain":
+            self._auth_require_tls = tls_required
+        handler.on_connect(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.tracker.close(self.peer_ip)
+            self.event_handler.on_disconnect(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._refused:
+            # RFC 5321 §3.1: a server may answer the greeting with 421 and close.
+            await self.push(str(replies.R421_TOO_MANY_CONNECTIONS))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        with structlog.contextvars.bound_contextvars(session_id=self.session_id, peer=self.peer_ip):
+            await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{replies.R421_IDLE_TIMEOUT}\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            await super().push(_STOCK_REPLIES.get(status, status))
+        else:
+            await super().push(status)
+
+    @property
+    def is_tls(self) -> bool:
+        return self.front.kind == "tls" or self._tls_protocol is not None
+
+    @property
+    def account(self) -> str | None:
+        return self.session.auth_data if self.session and self.session.authenticated else None
+
+    # AUTH: aiosmtpd's parsing, our asynchronous check (scrypt runs in a thread).
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        result: AuthResult = await super().auth_PLAIN(_, args)
+        return await self._finish_auth(result)
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        result: AuthResult = await super().auth_LOGIN(_, args)
+        return await self._finish_auth(result)
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        # Called synchronously by the base class: defer the real check to _finish_auth.
+        return AuthResult(success=False, handled=False, auth_data=auth_data)
+
+    async def _finish_auth(self, result: AuthResult) -> AuthResult:
+        if result.handled or result.auth_data is None:
+            return result  # aiosmtpd already answered (bad base64, aborted with '*')
+        handler: Handler = self.event_handler
+        login, password = result.auth_data.login, result.auth_data.password
+        username = login.decode("utf-8", "replace")
+        if _CONTROL.search(username) or b"\r" in password or b"\n" in password:
+            ok = False
+        else:
+            ok = await handler.authenticator.check(username, password)
+        handler.on_auth(self, ok)
+        if ok:
+            log.info("auth_succeeded", account=username)
+            return AuthResult(success=True, auth_data=username)
+        self.auth_failures += 1
+        log.info("auth_failed", failures=self.auth_failures)
+        if self.auth_failures >= _MAX_AUTH_FAILURES:
+            await self.push(str(replies.R421_TOO_MANY_AUTH_FAILURES))
+            if self.transport is not None:
+                self.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=str(replies.R535_BAD_CREDENTIALS))
+
+
+def received_header(
+    server: GatewaySMTP, session: Session, msg_id: str, rcpt_tos: list[str]
+) -> bytes:
+    """The trace header this hop adds (RFC 5321 §4.4), protocol per RFC 3848."""
+    proto = "ESMTP" if session.extended_smtp else "SMTP"
+    if server.is_tls:
+        proto += "S"
+    if server.account is not None:
+        proto += "A"
+    helo = _CONTROL.sub("", session.host_name or "unknown")[:200]
+    stamp = format_datetime(datetime.now(UTC))
+    # Name the recipient only when there is one: more would reveal Bcc recipients to all.
+    for_clause = f"\r\n\tfor <{rcpt_tos[0]}>" if len(rcpt_tos) == 1 else ""
+    text = (
+        f"Received: from {helo} ([{server.peer_ip}])\r\n"
+        f"\tby {server.front.hostname} (smtp2api) with {proto} id {msg_id}{for_clause};\r\n"
+        f"\t{stamp}\r\n"
+    )
+    return text.encode("utf-8", "surrogateescape")
+
+
+class Handler:
+    """aiosmtpd handler hooks: policy at MAIL/RCPT, the message to ``accept`` at DATA."""
+
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        authenticator: Authenticator,
+        accept: AcceptFn,
+        new_id: Callable[[], str],
+        route_size_limit: SizeLimitFn,
+        max_recipients: int,
+        on_reply: Callable[[SMTPReply | str], None] = lambda _: None,
+        on_auth_result: Callable[[bool], None] = lambda _: None,
+        on_connection: Callable[[int], None] = lambda _: None,
+        on_connection_result: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self.policy = policy
+        self.authenticator = authenticator
+        self._accept = accept
+        self._new_id = new_id
+        self._route_size_limit = route_size_limit
+        self._max_recipients = max_recipients
+        self._on_reply = on_reply
+        self._on_auth_result = on_auth_result
+        self._on_connection = on_connection
+        self.on_connection_result = on_connection_result
+        self.active: set[GatewaySMTP] = set()
+        self.in_data: set[GatewaySMTP] = set()
+        self._data_done = asyncio.Event()
+        self._data_done.set()
+
+    # connection bookkeeping (called by GatewaySMTP)
+    def on_connect(self, server: GatewaySMTP) -> None:
+        if server._admitted:
+            self.active.add(server)
+            self._on_connection(+1)
+            log.debug("session_started", session_id=server.session_id, peer=server.peer_ip)
+
+    def on_disconnect(self, server: GatewaySMTP) -> None:
+        self.active.discard(server)
+        self._leave_data(server)
+        self._on_connection(-1)
+
+    def _leave_data(self, server: GatewaySMTP) -> None:
+        self.in_data.discard(server)
+        if not self.in_data:
+            self._data_done.set()
+
+    async def wait_data_done(self) -> None:
+        """Return once no session is inside DATA (shutdown bounds the wait)."""
+        await self._data_done.wait()
+
+    def on_auth(self, server: GatewaySMTP, ok: bool) -> None:
+        self._on_auth_result(ok)
+
+    def _reply(self, reply: SMTPReply) -> str:
+        self._on_reply(reply)
+        return str(reply)
+
+    async def handle_EHLO(  # noqa: N802
+        self,
+        server: GatewaySMTP,
+        session: Session,
+        envelope: AioEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.authenticator.has_accounts:
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        return responses
+
+    async def handle_MAIL(  # noqa: N802
+        self,
+        server: GatewaySMTP,
+        session: Session,
+        envelope: AioEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        account = server.account
+        if not self.policy.may_relay(account, server.trusted):
+            return self._reply(replies.R530_AUTH_REQUIRED)
+        if _CONTROL.search(address):
+            return self._reply(replies.R501_SYNTAX)
+        mail_from = "" if address == "<>" else address
+        refusal = self.policy.check_sender(account, mail_from)
+        if refusal is not None:
+            return self._reply(refusal)
+        limit = self._route_size_limit(account, mail_from)
+        if limit is None:
+            return self._reply(
+                replies.R553_SENDER_NOT_ALLOWED.with_text("No route for this sender")
+            )
+        declared = _declared_size(mail_options)
+        if declared is not None and declared > limit:
+            return self._reply(replies.R552_TOO_LARGE)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return self._reply(replies.R250_SENDER_OK)
+
+    async def handle_RCPT(  # noqa: N802
+        self,
+        server: GatewaySMTP,
+        session: Session,
+        envelope: AioEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if not self.policy.may_relay(server.account, server.trusted):
+            return self._reply(replies.R554_RELAY_DENIED)
+        if _CONTROL.search(address) or "@" not in address:
+            return self._reply(replies.R501_SYNTAX)
+        if len(envelope.rcpt_tos) >= self._max_recipients:
+            return self._reply(replies.R452_TOO_MANY_RECIPIENTS)
+        if address.lower() not in (r.lower() for r in envelope.rcpt_tos):
+            envelope.rcpt_tos.append(address)  # RFC 5321 §3.3: duplicates get one copy
+        return self._reply(replies.R250_RECIPIENT_OK)
+
+    async def handle_DATA(  # noqa: N802
+        self, server: GatewaySMTP, session: Session, envelope: AioEnvelope
+    ) -> str:
+        raw: bytes = envelope.original_content or b""
+        mail_from = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
+        account = server.account
+        limit = self._route_size_limit(account, mail_from)
+        if limit is not None and len(raw) > limit:
+            return self._reply(replies.R552_TOO_LARGE)
+        msg_id = self._new_id()
+        model = Envelope(
+            mail_from=mail_from,
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            account=account,
+            peer=server.peer_ip,
+            smtputf8=bool(envelope.smtp_utf8),
+        )
+        received = received_header(server, session, msg_id, list(envelope.rcpt_tos))
+        self.in_data.add(server)
+        self._data_done.clear()
+        try:
+            with structlog.contextvars.bound_contextvars(msg_id=msg_id):
+                reply = await self._accept(msg_id, received + raw, model)
+        finally:
+            self._leave_data(server)
+        return self._reply(reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default answers "500 Error: (ValueError) <text>": it leaks internals and
+        # makes the client drop the mail. A 451 keeps it with the client.
+        log.error("session_exception", exc_info=error)
+        return self._reply(replies.R451_INTERNAL)
+
+
+def _declared_size(mail_options: list[str]) -> int | None:
+    """The RFC 1870 ``SIZE=`` parameter of MAIL, if any (aiosmtpd has validated digits)."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
