@@ -72,7 +72,7 @@ def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         "providers": {"outbox": {"type": "outbox", "path": str(tmp_path / "outbox")}},
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
+        if key != "providers" and isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
         else:
             data[key] = value

@@ -8,6 +8,7 @@ it is the message's fault), else the last transient error once every provider wa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
@@ -131,10 +132,17 @@ class Deliverer:
 
 
 def _restrict(message: Message, recipients: tuple[str, ...]) -> Message:
-    """The message as one chunk of its envelope sees it: to/cc/bcc limited to ``recipients``."""
+    """The message as one chunk of its envelope sees it: to/cc/bcc limited to ``recipients``.
+
+    Each chunk gets its own stable id (the message's, plus a digest of its recipients), so an
+    API that deduplicates on ``Idempotency-Key`` takes every chunk once, and a retry of the
+    same chunk reuses its key.
+    """
     keep = {r.lower() for r in recipients}
+    digest = hashlib.sha256("\0".join(sorted(keep)).encode()).hexdigest()[:12]
     return dataclasses.replace(
         message,
+        id=f"{message.id}.{digest}",
         to=tuple(a for a in message.to if a.email.lower() in keep),
         cc=tuple(a for a in message.cc if a.email.lower() in keep),
         bcc=tuple(a for a in message.bcc if a.email.lower() in keep),

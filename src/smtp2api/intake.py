@@ -18,7 +18,7 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    stop_after_delay,
+    stop_before_delay,
     wait_exponential_jitter,
 )
 
@@ -211,12 +211,12 @@ class Intake:
             hinted = getattr(exc, "retry_after", None) or 0.0
             return max(hinted, backoff(state))
 
-        backoff = wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.2)
+        backoff = wait_exponential_jitter(multiplier=0.2, max=2.0, jitter=0.2)
         try:
             async with asyncio.timeout(budget):
                 async for attempt in AsyncRetrying(
                     retry=retry_if_exception(worth_retrying),
-                    stop=stop_after_delay(budget),
+                    stop=stop_before_delay(budget * 0.9),  # leave the last try time to answer
                     wait=wait_hint,
                     reraise=True,
                 ):

@@ -68,8 +68,7 @@ def parse_with_controls(
     received: bytes = b"",
     limits: MimeLimits = MimeLimits(),
 ) -> tuple[Message, Controls]:
-    """``parse_message`` plus the full Controls (stream and configuration set have no field in
-    Message yet)."""
+    """``parse_message`` plus the Controls the message's headers carried."""
     try:
         return _parse(raw, envelope, msg_id, received, limits)
     except MessageError:
@@ -118,6 +117,8 @@ def _parse(
         metadata=controls.metadata,
         template=controls.template,
         template_variables=controls.template_variables,
+        stream=controls.stream,
+        configuration_set=controls.configuration_set,
     )
     return message, controls
 

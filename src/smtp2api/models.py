@@ -88,6 +88,8 @@ class Message:
     metadata: dict[str, str] = field(default_factory=dict)
     template: str | None = None
     template_variables: dict[str, Any] | None = None
+    stream: str | None = None  # X-PM-Message-Stream: a provider's message stream
+    configuration_set: str | None = None  # X-SES-CONFIGURATION-SET
 
     @property
     def recipients(self) -> tuple[str, ...]:

@@ -112,6 +112,9 @@ class Worker:
     async def _run(self) -> None:
         last_renew = self._clock()
         while not self._stopping:
+            # Cleared before looking at the spool, so a wake-up during the look is not lost.
+            self._wake.clear()
+            self._slots_free.clear()
             free = self.config.concurrency - len(self._inflight)
             claimed: list[SpoolEntry] = []
             if free > 0:
@@ -139,7 +142,6 @@ class Worker:
         self._slots_free.set()
 
     async def _wait_slot(self) -> None:
-        self._slots_free.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.lease / 3):
                 await self._slots_free.wait()
@@ -153,8 +155,8 @@ class Worker:
         timeout = _IDLE_POLL if due is None else max(0.0, min(_IDLE_POLL, due - self._clock()))
         if self._inflight:
             timeout = min(timeout, self.config.lease / 3)
-        self._wake.clear()
-        self._slots_free.clear()
+        if self._stopping:
+            return
         waiters = [asyncio.ensure_future(self._wake.wait())]
         if self._inflight:
             waiters.append(asyncio.ensure_future(self._slots_free.wait()))

@@ -104,6 +104,12 @@ class FakeAPI:
         with self._lock:
             self._answers.extend(answers)
 
+    def clear(self) -> None:
+        """Forget received requests and queued answers (between phases of one test)."""
+        with self._lock:
+            self._answers.clear()
+            self._requests.clear()
+
     def wait_for_requests_sync(self, count: int, timeout: float = 5.0) -> list[ReceivedRequest]:
         """Block until ``count`` requests arrived (not on the loop the server runs on)."""
         with self._lock:

@@ -227,7 +227,7 @@ async def test_success_with_a_huge_body_reads_at_most_64k(make_provider: Make) -
 
 
 class _BrokenBody(httpx.AsyncByteStream):
-    async def __aiter__(self):  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         yield b'{"id": "tru'
         raise httpx.ReadError("connection reset")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import ssl
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -380,7 +381,7 @@ async def test_read_limited_bounds_the_body() -> None:
 
 
 class _Broken(httpx.AsyncByteStream):
-    async def __aiter__(self):  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         yield b'{"id": "m'
         raise httpx.ReadError("reset")
 

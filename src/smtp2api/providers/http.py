@@ -131,6 +131,13 @@ class HttpApiProvider:
         self._client = client
         self._url = endpoint(settings)
         self._timeout = settings.timeout
+        # Waiting for a pooled connection and connecting (TCP + TLS) get 40 % of the budget
+        # each, so httpx's own timeout ends them, never the overall deadline: a cancellation
+        # during the TLS handshake leaks the socket (httpcore 1.0 ``start_tls`` only cleans up
+        # on ``Exception``), and PoolTimeout/ConnectTimeout say for sure "never sent" (4.4.1).
+        self._phases = httpx.Timeout(
+            settings.timeout, connect=settings.timeout * 0.4, pool=settings.timeout * 0.4
+        )
         headers = httpx.Headers(settings.headers)
         # Ours win over configured headers: they carry the protocol, not preferences.
         headers["Content-Type"] = "application/json"
@@ -167,15 +174,15 @@ class HttpApiProvider:
         body = b""
         try:
             with map_http_errors(progress):
-                # httpx's own per-phase timeouts tell connect from read; the overall deadline
-                # bounds a server that drips its answer a byte at a time.
+                # The overall deadline bounds a server that drips its answer a byte at a time;
+                # httpx's per-phase timeouts tell connect from read.
                 async with asyncio.timeout(self._timeout):
                     async with self._client.stream(
                         "POST",
                         self._url,
                         json=payload,
                         headers=headers,
-                        timeout=httpx.Timeout(self._timeout),
+                        timeout=self._phases,
                         extensions={"trace": progress.trace},
                     ) as response:
                         status, response_headers = response.status_code, response.headers
@@ -188,20 +195,13 @@ class HttpApiProvider:
 
     def _error(self, status: int, headers: httpx.Headers, body: bytes) -> DeliveryError:
         data = parse_json(body)
+        reason = error_text(data, secrets=self._secrets)
         error = classify_status(
-            status,
-            headers=headers,
-            provider_code=error_code(data),
-            reason=error_text(data, secrets=self._secrets),
+            status, headers=headers, provider_code=error_code(data), reason=reason
         )
         # Design §4, generic provider: a 400/422 that names a recipient field is 553 5.1.3.
         if status in (400, 422) and names_recipient_field(data):
-            error.reply = annotate(
-                _R553_REJECTED,
-                error_text(data, secrets=self._secrets),
-                error.provider_code,
-                error.request_id,
-            )
+            error.reply = annotate(_R553_REJECTED, reason, error.provider_code, error.request_id)
         return error
 
     async def aclose(self) -> None:
