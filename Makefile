@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Debian packages the tests drive as real peers (clients, servers, checkers).
+SYSTEM_PACKAGES :=
 
 .PHONY: install install-test system-deps run lint format typecheck test ci bench clean
 
@@ -17,7 +19,7 @@ run: install  ## run on the embedded default: SMTP 127.0.0.1:2525, outbox provid
 	$(BIN)/smtp2api serve
 
 system-deps:  ## Debian packages the interop and service tests use (needs root)
-	./scripts/install-system-deps
+	./scripts/install-system-deps $(SYSTEM_PACKAGES)
 
 install-test: $(BIN)/python system-deps  ## everything the test suite needs
 	$(BIN)/pip install --quiet -e '.[test]'
