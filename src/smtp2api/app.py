@@ -94,7 +94,13 @@ class Gateway:
             name: build_provider(name, conf, self._http)
             for name, conf in settings.providers.items()
         }
-        deliverer = Deliverer(providers, observe=self.metrics.observe_delivery)
+        deliverer = Deliverer(
+            providers,
+            observe=self.metrics.observe_delivery,
+            on_circuit=self.metrics.observe_circuit,
+            circuit_threshold=settings.delivery.circuit_threshold,
+            circuit_cooldown=settings.delivery.circuit_cooldown,
+        )
         self.metrics.set_providers(list(providers))
         router = Router(settings.routes_or_default())
         worker = Worker(

@@ -215,6 +215,8 @@ class DeliverySettings(_Section):
     backoff_max: Duration = Field(default=3600.0, gt=0)
     concurrency: int = Field(default=64, gt=0, le=10_000)
     soft_bounce: bool = False
+    circuit_threshold: int = Field(default=5, ge=1)
+    circuit_cooldown: Duration = Field(default=30.0, gt=0)
     bounce: bool = False
     failure_webhook: UpstreamURL | None = None
     shutdown_timeout: Duration = Field(default=30.0, ge=0)

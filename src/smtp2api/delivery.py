@@ -14,11 +14,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import structlog
 
+from smtp2api import replies
+from smtp2api.circuit import CircuitBreaker
 from smtp2api.errors import (
     DeliveryError,
     MessageTooLarge,
     PermanentDeliveryError,
     ProviderConfigError,
+    ProviderUnavailable,
     TransientDeliveryError,
 )
 from smtp2api.models import Envelope, Message, SendResult
@@ -28,6 +31,7 @@ log = structlog.get_logger("smtp2api.delivery")
 
 # (provider name, outcome "success" | "transient" | "permanent", seconds)
 AttemptObserver = Callable[[str, str, float], None]
+CircuitObserver = Callable[[str, bool], None]
 ChunkDone = Callable[[tuple[str, ...]], Awaitable[None]]
 
 
@@ -35,19 +39,35 @@ def _noop_observer(provider: str, outcome: str, seconds: float) -> None:
     return None
 
 
+def _noop_circuit(provider: str, is_open: bool) -> None:
+    return None
+
+
 class Deliverer:
-    """Sends messages through named providers; owns no state but the providers map."""
+    """Sends messages through named providers, each behind its own circuit breaker."""
 
     def __init__(
         self,
         providers: Mapping[str, Provider],
         *,
         observe: AttemptObserver = _noop_observer,
+        on_circuit: CircuitObserver = _noop_circuit,
+        circuit_threshold: int = 5,
+        circuit_cooldown: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.providers = dict(providers)
         self._observe = observe
         self._clock = clock
+        self.circuits = {
+            name: CircuitBreaker(
+                threshold=circuit_threshold,
+                cooldown=circuit_cooldown,
+                clock=clock,
+                on_change=lambda is_open, name=name: on_circuit(name, is_open),  # type: ignore[misc]
+            )
+            for name in self.providers
+        }
 
     def size_limit(self, route: Sequence[str]) -> int:
         """The largest message some provider of the route can take."""
@@ -70,11 +90,26 @@ class Deliverer:
             if len(message.raw) > provider.max_message_size:
                 last = ProviderConfigError(f"message exceeds {name}'s size limit")
                 continue
+            circuit = self.circuits[name]
+            if not circuit.allow():
+                last = ProviderUnavailable(
+                    f"circuit open for {name}",
+                    reply=replies.R451_TRY_LATER,
+                    retry_after=circuit.retry_in(),
+                )
+                continue
             try:
-                return await self._send_chunked(
+                result = await self._send_chunked(
                     provider, message, envelope, accepted, on_chunk_done
                 )
-            except TransientDeliveryError as exc:
+            except PermanentDeliveryError:
+                circuit.release_probe()  # the message's fault says nothing of the provider
+                raise
+            except BaseException as exc:
+                if not isinstance(exc, TransientDeliveryError):
+                    circuit.release_probe()  # cancelled or a bug: no verdict on the provider
+                    raise
+                circuit.record_failure()
                 last = exc
                 log.info(
                     "delivery_deferred",
@@ -83,6 +118,9 @@ class Deliverer:
                     detail=exc.detail,
                     status=exc.status,
                 )
+            else:
+                circuit.record_success()
+                return result
         if last is None:  # pragma: no cover - routes always name at least one provider
             raise ProviderConfigError("route has no providers")
         if isinstance(last, ProviderConfigError) and all(

@@ -118,6 +118,7 @@ class Intake:
             reply = delivery_reply(exc, self.config.soft_bounce)
             log.info("delivery_failed", reply=str(reply), detail=exc.detail)
             return self._done("rejected" if reply.is_permanent else "error", message.raw, reply)
+        _log_delivered(result, envelope, message)
         return self._done("accepted", message.raw, _accepted_reply(result, message.id))
 
     async def _spooled(
@@ -174,6 +175,7 @@ class Intake:
             await self._spool.ack(message.id)
         except SpoolError as exc:  # delivered: the worst case is a duplicate later
             log.error("spool_ack_failed", error=str(exc))
+        _log_delivered(result, envelope, message)
         return self._done("accepted", message.raw, _accepted_reply(result, message.id))
 
     async def _forget(self, msg_id: str) -> None:
@@ -238,6 +240,18 @@ GatewayErrorLike = TransientDeliveryError | MessageError
 
 def _detail(exc: GatewayErrorLike) -> str:
     return exc.detail if isinstance(exc, DeliveryError) else str(exc)
+
+
+def _log_delivered(result: SendResult, envelope: Envelope, message: Message) -> None:
+    """The delivery log line (design §7): one per final outcome, no body, no subject."""
+    log.info(
+        "delivery_succeeded",
+        provider=result.provider,
+        provider_id=result.provider_id,
+        sender=envelope.mail_from,
+        recipients=len(envelope.rcpt_tos),
+        size=len(message.raw),
+    )
 
 
 def _accepted_reply(result: SendResult, msg_id: str) -> SMTPReply:

@@ -6,7 +6,6 @@ import smtplib
 import socket
 import ssl
 from collections.abc import AsyncIterator
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,9 @@ import jsonschema
 import pytest
 
 from smtp2api.app import Gateway
-from tests.conftest import PASSWORDS, REPO, GatewayFactory, account, in_thread
+from tests.conftest import REPO, GatewayFactory, account, in_thread
 from tests.support.fakeapi import Answer, FakeAPI
+from tests.support.smtpclient import dialogue, send, simple_message
 
 SCHEMA = __import__("json").loads((REPO / "docs" / "message.schema.json").read_text())
 
@@ -28,63 +28,6 @@ async def api() -> AsyncIterator[FakeAPI]:
 
 def http_provider(api: FakeAPI, **extra: Any) -> dict[str, Any]:
     return {"main": {"type": "http", "url": f"{api.url}/v1/emails", "api_key": "k-123", **extra}}
-
-
-def simple_message(
-    to: str = "alice@example.com", sender: str = "app@example.com", **headers: str
-) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = f"App <{sender}>"
-    msg["To"] = to
-    msg["Subject"] = "Hello"
-    for name, value in headers.items():
-        msg[name.replace("_", "-")] = value
-    msg.set_content("Hello there\n")
-    return msg.as_bytes()
-
-
-def send(
-    port: int,
-    data: bytes,
-    *,
-    sender: str = "app@example.com",
-    rcpts: tuple[str, ...] = ("alice@example.com",),
-    mode: str = "plain",
-    user: str | None = None,
-    context: ssl.SSLContext | None = None,
-    mechanism: str | None = None,
-) -> tuple[int, str]:
-    """One SMTP transaction with smtplib; returns the reply to the end of DATA."""
-    client: smtplib.SMTP
-    if mode == "tls":
-        client = smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=10)
-    else:
-        client = smtplib.SMTP("127.0.0.1", port, timeout=10)
-    with client:
-        client.ehlo("client.test")
-        if mode == "starttls":
-            client.starttls(context=context)
-            client.ehlo("client.test")
-        if user is not None:
-            if mechanism:
-                client.user, client.password = user, PASSWORDS[user]
-                client.auth(
-                    mechanism, getattr(client, "auth_" + mechanism.lower().replace("-", "_"))
-                )
-            else:
-                client.login(user, PASSWORDS[user])
-        code, text = client.mail(sender)
-        if code != 250:
-            return code, text.decode()
-        for rcpt in rcpts:
-            code, text = client.rcpt(rcpt)
-            if code != 250:
-                return code, text.decode()
-        try:
-            code, text = client.data(data)
-        except smtplib.SMTPDataError as exc:
-            return exc.smtp_code, exc.smtp_error.decode()
-        return code, text.decode()
 
 
 async def test_plain_trusted_client_reaches_the_api(
@@ -294,29 +237,9 @@ async def test_bad_mime_control_header_is_554(start_gateway: GatewayFactory, api
     assert api.requests == []
 
 
-def _dialogue(port: int, *commands: str) -> list[str]:
-    """A raw SMTP dialogue: the banner, then one reply (last line) per command."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        stream = sock.makefile("rb")
-        replies = [_read_reply(stream)]
-        for command in commands:
-            sock.sendall(command.encode() + b"\r\n")
-            replies.append(_read_reply(stream))
-        return replies
-
-
-def _read_reply(stream: Any) -> str:
-    lines = []
-    while True:
-        line = stream.readline().decode().rstrip("\r\n")
-        lines.append(line)
-        if len(line) < 4 or line[3] != "-":
-            return "\n".join(lines)
-
-
 async def test_banner_names_host_not_software(start_gateway: GatewayFactory) -> None:
     gw = await start_gateway()
-    [banner, ehlo] = await in_thread(_dialogue, gw.port(), "EHLO client.test")
+    [banner, ehlo] = await in_thread(dialogue, gw.port(), "EHLO client.test")
     assert banner == "220 gw.test ESMTP"
     assert "250-SIZE 25000000" in ehlo
     assert "AUTH" not in ehlo  # no accounts configured
@@ -326,7 +249,7 @@ async def test_size_limits(start_gateway: GatewayFactory, api: FakeAPI) -> None:
     gw = await start_gateway(
         providers=http_provider(api), smtp={"max_message_size": 2000}, delivery={"mode": "sync"}
     )
-    replies = await in_thread(_dialogue, gw.port(), "EHLO c", "MAIL FROM:<a@example.com> SIZE=5000")
+    replies = await in_thread(dialogue, gw.port(), "EHLO c", "MAIL FROM:<a@example.com> SIZE=5000")
     assert "250-SIZE 2000" in replies[1]
     assert replies[2].startswith("552 5.3.4")
     big = simple_message() + (b"x" * 70 + b"\r\n") * 50
@@ -339,7 +262,7 @@ async def test_size_limits(start_gateway: GatewayFactory, api: FakeAPI) -> None:
 async def test_max_recipients(start_gateway: GatewayFactory) -> None:
     gw = await start_gateway(smtp={"max_recipients": 2})
     replies = await in_thread(
-        _dialogue,
+        dialogue,
         gw.port(),
         "EHLO c",
         "MAIL FROM:<a@example.com>",
@@ -355,7 +278,7 @@ async def test_max_recipients(start_gateway: GatewayFactory) -> None:
 async def test_untrusted_peer_cannot_relay(start_gateway: GatewayFactory) -> None:
     gw = await start_gateway(smtp={"trusted_networks": ["10.99.0.0/16"], "require_tls": False})
     replies = await in_thread(
-        _dialogue, gw.port(), "EHLO c", "MAIL FROM:<a@example.com>", "RCPT TO:<b@example.com>"
+        dialogue, gw.port(), "EHLO c", "MAIL FROM:<a@example.com>", "RCPT TO:<b@example.com>"
     )
     assert replies[2].startswith("530 5.7.0")
     assert replies[3].startswith("503")  # no transaction was opened
@@ -370,7 +293,7 @@ async def test_require_tls_blocks_auth_and_mail_before_starttls(
         accounts=[account("wordpress")],
     )
     replies = await in_thread(
-        _dialogue, gw.port(), "EHLO c", "AUTH PLAIN AHdvcmRwcmVzcwB4", "MAIL FROM:<a@example.com>"
+        dialogue, gw.port(), "EHLO c", "AUTH PLAIN AHdvcmRwcmVzcwB4", "MAIL FROM:<a@example.com>"
     )
     assert "STARTTLS" in replies[1]
     assert "AUTH" not in replies[1]
