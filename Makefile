@@ -5,6 +5,13 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 # Debian packages the tests drive as real peers (clients, servers, checkers).
 SYSTEM_PACKAGES :=
+# Interop clients (tests/interop): swaks (+ Net::SSLeay for its TLS), msmtp, PHPMailer on PHP,
+# Postfix as a relaying client (+ the Cyrus SASL PLAIN/LOGIN plugins its SMTP client needs).
+SYSTEM_PACKAGES += swaks libnet-ssleay-perl msmtp php-cli libphp-phpmailer postfix libsasl2-modules
+# Deployment checkers: systemd-analyze (verify, security), promtool (metrics, rules, rule tests).
+SYSTEM_PACKAGES += systemd prometheus
+# The PostgreSQL spool's tests start their own throwaway cluster (tests/support/pg.py).
+SYSTEM_PACKAGES += postgresql
 
 .PHONY: install install-test system-deps run lint format typecheck test ci bench clean
 
@@ -20,6 +27,7 @@ run: install  ## run on the embedded default: SMTP 127.0.0.1:2525, outbox provid
 
 system-deps:  ## Debian packages the interop and service tests use (needs root)
 	./scripts/install-system-deps $(SYSTEM_PACKAGES)
+	./scripts/install-node-deps
 
 install-test: $(BIN)/python system-deps  ## everything the test suite needs
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -40,8 +48,10 @@ test:
 
 ci: install-test lint typecheck test  ## install what the tests need, then run all of it
 
-bench: install-test
-	$(BIN)/python bench/run.py
+BENCH_ARGS ?=
+bench: install-test  ## the issue-6 benchmark (docs/performance.md); e.g. BENCH_ARGS="--repeat 1"
+	$(BIN)/pip install --quiet -e '.[test,speed]'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .coverage htmlcov dist build

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import getpass
 import os
+import re
 import smtplib
 import socket
 import ssl
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from email.message import EmailMessage
 from email.utils import make_msgid
-from typing import TextIO
+from typing import Any, NoReturn, TextIO
 
 from smtp2api import __version__, tomlout
 from smtp2api.auth import hash_password
@@ -41,35 +42,101 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_EPILOG = """\
+configuration:
+  --config PATH, else $SMTP2API_CONFIG, else /etc/smtp2api/config.toml if it exists, else the
+  embedded local default (SMTP on 127.0.0.1:2525, loopback trusted, the outbox provider).
+  Every key can be overridden by environment: SMTP2API_<SECTION>__<KEY>, for example
+  SMTP2API_PROVIDERS__MAIN__API_KEY=... (lists and tables as JSON). config.example.toml
+  documents every key.
+
+exit codes (sysexits):
+  0 ok, 64 usage, 69 unavailable (refused or unreachable), 75 temporary failure (4xx),
+  78 invalid configuration.
+
+docs: README.md, docs/deployment.md, docs/troubleshooting.md
+"""
+_RAW = argparse.RawDescriptionHelpFormatter  # keep the line breaks of descriptions and epilogs
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error; sysexits(3) says 64. Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="smtp2api",
-        description="SMTP to HTTPS email API gateway. Point SMTP-only software at it; it "
-        "delivers through SES, SendGrid, Mailgun, Postmark, Resend, Microsoft Graph or any "
-        "JSON email API, and answers with the API's real verdict.",
-        epilog="Every setting can be overridden by environment: SMTP2API_<SECTION>__<KEY>, "
-        "e.g. SMTP2API_PROVIDERS__MAIN__API_KEY.",
+        description="""\
+SMTP to HTTPS email API gateway. Point SMTP-only software at it; it delivers through SES,
+SendGrid, Mailgun, Postmark, Resend, Microsoft Graph or any JSON email API, and answers with
+the API's real verdict.""",
+        epilog=_EPILOG,
+        formatter_class=_RAW,
     )
     parser.add_argument("--version", action="version", version=f"smtp2api {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("serve", help="run the daemon in the foreground (logs to stdout)")
+    p = sub.add_parser(
+        "serve",
+        help="run the daemon in the foreground (logs to stdout)",
+        formatter_class=_RAW,
+        description="""\
+Run the gateway in the foreground until SIGTERM or SIGINT; logs go to stdout.
+
+signals:
+  SIGTERM, SIGINT  stop accepting, let sessions in DATA finish (delivery.shutdown_timeout),
+                   stop the worker (unsent mail stays spooled), exit 0
+  SIGHUP           reload the config file and TLS certificates for new sessions; listen
+                   addresses and the spool need a restart; an invalid file is refused and
+                   the running config stays
+
+Under systemd (Type=notify) it reports READY=1, STATUS= with the spool depth, WATCHDOG=1,
+RELOADING=1 and STOPPING=1 (systemd/smtp2api.service). /metrics, /healthz and /readyz are
+served on http.listen.""",
+    )
     _add_config(p)
     p = sub.add_parser(
         "check-config",
         help="validate the config and print the effective config (secrets masked); exit 78 "
         "when invalid",
+        formatter_class=_RAW,
+        description="""\
+Validate the configuration (file plus SMTP2API_* environment) and print the effective
+configuration as TOML, every default filled in and every secret shown as **********.
+Exit 0 when valid; exit 78 with one line per problem on stderr, each naming its key.""",
     )
     _add_config(p)
     p = sub.add_parser(
         "hash-password",
         help="read a password (prompt, or stdin when not a terminal) and print its "
         "password_hash for [[accounts]]",
+        formatter_class=_RAW,
+        description="""\
+Read a password and print its scrypt hash for an [[accounts]] password_hash.
+On a terminal it prompts twice; otherwise it reads one line from stdin:
+  printf '%s\\n' "$PASSWORD" | smtp2api hash-password""",
     )
-    p = sub.add_parser("send-test", help="send one test message through a running gateway")
+    p = sub.add_parser(
+        "send-test",
+        help="send one test message through a running gateway",
+        formatter_class=_RAW,
+        description="""\
+Send one short test message through a running gateway and print its reply.
+STARTTLS is used whenever the server offers it (certificate verified unless --insecure).
+Exit 0 when accepted, 75 on a 4xx reply, 69 on a 5xx reply or when unreachable.""",
+    )
     _add_config(p)
     p.add_argument("--to", required=True, metavar="ADDR", help="recipient address")
-    p.add_argument("--from", dest="sender", metavar="ADDR", help="sender address")
+    p.add_argument(
+        "--from",
+        dest="sender",
+        metavar="ADDR",
+        help="envelope and header sender (default: smtp2api-test@<this host's FQDN>)",
+    )
     p.add_argument(
         "--server", metavar="HOST:PORT", help="gateway address (default: the first listen address)"
     )
@@ -84,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not verify the gateway's TLS certificate (self-signed test setups only)",
     )
-    p.add_argument("--subject", default="smtp2api test message", help="subject line")
-    p = sub.add_parser("version", help="print the version")
+    p.add_argument(
+        "--subject", default="smtp2api test message", help="subject line (default: %(default)s)"
+    )
+    p = sub.add_parser("version", help="print the version", description="Print the version.")
     from smtp2api.queue_cli import add_queue_parser
 
     add_queue_parser(sub, _add_config)
@@ -96,9 +165,28 @@ def _load(args: argparse.Namespace) -> Settings:
     return load_settings(config_path(args.config, os.environ))
 
 
+MASK = "**********"  # what pydantic prints for a SecretStr
+# Secrets that are not SecretStr fields: a password in a URL (spool.url's
+# postgresql://user:password@host/db, RFC 3986 §3.2.1) and credential-bearing extra headers.
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:]*:)[^/@]*(@)", re.IGNORECASE)
+_SECRET_HEADER = re.compile(r"authorization|cookie|key|secret|token|password", re.IGNORECASE)
+
+
+def _mask(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        if key == "headers":
+            return {k: MASK if _SECRET_HEADER.search(k) else v for k, v in value.items()}
+        return {k: _mask(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v, key) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<2>", value)
+    return value
+
+
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     settings = _load(args)
-    data = settings.model_dump(mode="json")
+    data = _mask(settings.model_dump(mode="json"))  # SecretStr fields are already MASK
     out.write(tomlout.dumps(data))
     return EX_OK
 
@@ -114,9 +202,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvloop  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         runner = asyncio.run
-    else:  # pragma: no cover - optional speed-up
+    else:  # pragma: no cover - optional speed-up: pip install 'smtp2api[speed]'
         runner = uvloop.run
-    return int(runner(serve(settings, lambda: load_settings(path))))
+    from smtp2api.supervisor import raise_nofile_limit, supervise, worker_count
+
+    raise_nofile_limit()  # one file descriptor per SMTP connection
+
+    def reload() -> Settings:
+        return load_settings(path)
+
+    if worker_count(settings) > 1:
+        return supervise(
+            settings, reload, lambda conf, slot: int(runner(serve(conf, reload, slot)))
+        )
+    return int(runner(serve(settings, reload)))
 
 
 def _read_secret(prompt: str, confirm: bool) -> str:

@@ -41,8 +41,43 @@ def _check_hostport(value: str) -> str:
     return value
 
 
+# Cloud instance-metadata endpoints outside the link-local ranges (169.254.169.254, the AWS,
+# GCP, Azure, OCI and DigitalOcean one, is link-local already): AWS IMDS over IPv6, Alibaba.
+_METADATA_IPS = frozenset(
+    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200", "192.0.0.192")
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
+
+
+def refused_upstream_address(address: str) -> str | None:
+    """Why an API may not be reached at this IP address (design §8), or None when it may.
+
+    Refused: link-local (169.254.0.0/16 holds the cloud metadata service), known metadata
+    addresses, multicast, unspecified (0.0.0.0 reaches the local host) and broadcast,
+    also when written as IPv4-mapped or NAT64 IPv6. Loopback and private ranges are allowed:
+    sidecars and internal API gateways live there.
+    """
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
+    except ValueError:
+        return "not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.is_link_local or ip in _METADATA_IPS:
+        return "link-local and cloud metadata addresses are refused"
+    if ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "multicast, unspecified and broadcast addresses are refused"
+    return None
+
+
 def _check_upstream_url(value: str) -> str:
-    """Design §8: https only, except loopback; never link-local or cloud metadata hosts."""
+    """Design §8: https only, except loopback; never link-local or cloud metadata hosts.
+
+    This checks the URL as written; ``providers.upstream`` checks every address a host name
+    resolves to when a request is made."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http(s) URL such as 'https://api.example.net/v1/emails'")
@@ -51,9 +86,10 @@ def _check_upstream_url(value: str) -> str:
         ip = ipaddress.ip_address(host)
     except ValueError:
         ip = None
-    if ip is not None and (ip.is_link_local or ip.is_multicast or ip.is_unspecified):
-        raise ValueError("link-local, multicast and unspecified addresses are refused")
-    if host.lower() in ("metadata.google.internal", "metadata", "instance-data"):
+    refusal = refused_upstream_address(host) if ip is not None else None
+    if refusal is not None:
+        raise ValueError(refusal)
+    if host.lower().rstrip(".") in ("metadata.google.internal", "metadata", "instance-data"):
         raise ValueError("cloud metadata hosts are refused")
     loopback = host.lower() == "localhost" or (ip is not None and ip.is_loopback)
     if parts.scheme == "http" and not loopback:
@@ -90,6 +126,20 @@ class SMTPSettings(_Section):
     idle_timeout: Duration = Field(default=300.0, gt=0)
     proxy_protocol: bool = False
     proxy_trusted_networks: list[IPvAnyNetwork] = []
+    # Worker processes sharing the listening sockets (supervisor.py); 0 = one per CPU core.
+    # max_connections and max_connections_per_ip apply per process.
+    processes: int = Field(default=1, ge=0, le=256)
+    # Hostile-input limits (docs/security.md). RFC 5322 §2.1.1: 998 octets of text per line.
+    max_line_length: int = Field(default=998, ge=78, le=1_000_000)
+    # DATA must average this many bytes/s once data_rate_grace has passed (0: no floor).
+    min_data_rate: Size = Field(default=4000, ge=0)
+    data_rate_grace: Duration = Field(default=30.0, ge=0)
+    # NOOP, RSET, HELP, VRFY, EXPN, HELO, EHLO without a message accepted (Postfix's name).
+    junk_command_limit: int = Field(default=100, gt=0)
+    # Per client IP (IPv6: per /64), across connections: this many AUTH failures within
+    # auth_lockout and AUTH is refused (421 4.7.0) until the oldest is auth_lockout old.
+    auth_failure_limit: int = Field(default=10, gt=0)
+    auth_lockout: Duration = Field(default=900.0, gt=0)
 
     @property
     def tls_configured(self) -> bool:
@@ -231,12 +281,27 @@ class DeliverySettings(_Section):
 class SpoolSettings(_Section):
     url: str = "sqlite:///smtp2api-data/spool.db"
     lease: Duration = Field(default=30.0, gt=0)
+    # PostgreSQL spool: this node's name in claims; "" = the hostname. Unique per running
+    # gateway (a restarted node takes back the claims under its name at once).
+    node_id: str = Field(default="", max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")
+    # PostgreSQL spool: how long an operation waits for a database connection before it fails
+    # (an SMTP client then gets 451 4.3.0 and retries).
+    timeout: Duration = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _scheme(self) -> SpoolSettings:
         if not self.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("url must start with sqlite:/// or postgresql://")
         return self
+
+
+class MimeSettings(_Section):
+    """Bounds on the MIME parser (``mime.MimeLimits``); beyond one: ``554 5.6.0``."""
+
+    max_depth: int = Field(default=20, gt=0, le=1000)  # nesting of multipart and message/*
+    max_parts: int = Field(default=500, gt=0)  # parts in the whole tree
+    max_headers: int = Field(default=1000, gt=0)  # header fields, all parts together
+    max_header_bytes: Size = Field(default=1_000_000, gt=0)  # their bytes, all parts together
 
 
 class HttpSettings(_Section):
@@ -267,6 +332,7 @@ class Settings(BaseSettings):
     spool: SpoolSettings = SpoolSettings()
     http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
+    mime: MimeSettings = MimeSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -43,6 +43,9 @@ log = structlog.get_logger("smtp2api.intake")
 Mode = Literal["queue", "hybrid", "sync"]
 # Parsing a large message takes long enough to stall other sessions: do it in a thread.
 _THREAD_PARSE_BYTES = 256 * 1024
+# Hybrid: seconds after the sync try's deadline before the worker may claim the entry, so the
+# session can record the outcome (ack, defer, delete) first.
+_RECORD_MARGIN = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +57,18 @@ class IntakeConfig:
     mime_limits: MimeLimits = field(default_factory=MimeLimits)
 
 
-async def parse(raw: bytes, envelope: Envelope, msg_id: str, limits: MimeLimits) -> Message:
+async def parse(
+    raw: bytes, envelope: Envelope, msg_id: str, limits: MimeLimits, *, headers_only: bool = False
+) -> Message:
     """``parse_message``, in a thread when the message is large."""
-    if len(raw) > _THREAD_PARSE_BYTES:
-        return await asyncio.to_thread(parse_message, raw, envelope, msg_id, limits=limits)
-    return parse_message(raw, envelope, msg_id, limits=limits)
+    if len(raw) > _THREAD_PARSE_BYTES and not headers_only:
+        return await asyncio.to_thread(
+            parse_message, raw, envelope, msg_id, limits=limits, headers_only=headers_only
+        )
+    return parse_message(raw, envelope, msg_id, limits=limits, headers_only=headers_only)
 
 
-def delivery_reply(exc: DeliveryError, soft_bounce: bool) -> SMTPReply:
+def delivery_reply(exc: DeliveryError | MessageError, soft_bounce: bool) -> SMTPReply:
     """The reply for a failed delivery; ``soft_bounce`` turns 5xx into 4xx (design §4)."""
     return exc.reply.softened() if soft_bounce else exc.reply
 
@@ -87,13 +94,22 @@ class Intake:
         self._wake = wake_worker
         self._on_result = on_result
         self._clock = clock
+        self._acks: set[asyncio.Task[None]] = set()  # removals of delivered entries in flight
 
     async def accept(self, msg_id: str, raw: bytes, envelope: Envelope) -> SMTPReply:
         route = self._router.select(envelope.account, envelope.mail_from)
         if route is None:  # checked at MAIL already; a reload may have changed the routes
             return self._done("rejected", raw, replies.R553_SENDER_NOT_ALLOWED)
         try:
-            message = await parse(raw, envelope, msg_id, self.config.mime_limits)
+            # Parse only what the route's providers need: raw-MIME APIs read header-derived
+            # fields only (sender, recipients, tags), never the bodies or attachments.
+            raw_only = all(
+                getattr(self._deliverer.providers.get(name), "raw_mime", False)
+                for name in route.providers
+            )
+            message = await parse(
+                raw, envelope, msg_id, self.config.mime_limits, headers_only=raw_only
+            )
         except MessageError as exc:
             log.info("message_rejected", reason=str(exc), size=len(raw))
             return self._done("rejected", raw, exc.reply)
@@ -128,22 +144,17 @@ class Intake:
         now = self._clock()
         hybrid = self.config.mode == "hybrid"
         # In hybrid mode the entry counts this first try and stays out of the worker's reach
-        # until the try has had its time; a crash meanwhile leaves it due soon after.
-        entry = SpoolEntry(
-            id=message.id,
-            raw=raw,  # as received: the worker parses it again, to the same Message
-            mail_from=envelope.mail_from,
-            rcpt_tos=envelope.rcpt_tos,
-            account=envelope.account,
-            peer=envelope.peer,
-            providers=route,
-            created_at=now,
+        # until the try has had its time (plus a second to record the outcome); a crash
+        # meanwhile leaves it due soon after, so nothing waits for a session that is gone.
+        deadline = now + self.config.sync_timeout
+        entry = SpoolEntry.new(
+            raw,  # as received: the worker parses it again, to the same Message
+            envelope,
+            route,
+            now=now,
+            next_attempt_at=deadline + _RECORD_MARGIN if hybrid else now,
             attempts=1 if hybrid else 0,
-            next_attempt_at=now + self.config.sync_timeout + 1.0 if hybrid else now,
-            state="queued",
-            last_reply=None,
-            last_error=None,
-            done_recipients=(),
+            id=message.id,
         )
         try:
             await self._spool.put(entry)
@@ -154,29 +165,43 @@ class Intake:
         if not hybrid:
             self._wake()
             return self._done("queued", message.raw, replies.ok_queued(message.id))
-        return await self._hybrid_try(message, envelope, route, now)
+        return await self._hybrid_try(message, envelope, route, deadline)
 
     async def _hybrid_try(
-        self, message: Message, envelope: Envelope, route: tuple[str, ...], started: float
+        self, message: Message, envelope: Envelope, route: tuple[str, ...], deadline: float
     ) -> SMTPReply:
         assert self._spool is not None
+        # The budget ends at the deadline the entry was spooled with, however long put took.
+        budget = max(0.0, deadline - self._clock())
         try:
-            result = await self._send_within(message, envelope, route, self.config.sync_timeout)
-        except PermanentDeliveryError as exc:
-            # The client owns this failure now: it hears 5xx, so nothing stays queued.
-            await self._forget(message.id)
+            result = await self._send_within(message, envelope, route, budget)
+        except (PermanentDeliveryError, MessageError) as exc:
             reply = delivery_reply(exc, self.config.soft_bounce)
-            log.info("delivery_failed", reply=str(reply), detail=exc.detail)
-            return self._done("rejected", message.raw, reply)
-        except (TransientDeliveryError, MessageError) as exc:
-            await self._defer(message.id, exc, started)
+            if reply.is_permanent:
+                # The client owns this failure now: it hears 5xx, so nothing stays queued.
+                await self._forget(message.id)
+                log.info("delivery_failed", reply=str(reply), detail=_detail(exc))
+                return self._done("rejected", message.raw, reply)
+            # soft_bounce: keep it queued and let the worker retry, like a transient error.
+            await self._defer(message.id, exc)
             return self._done("queued", message.raw, replies.ok_queued(message.id))
-        try:
-            await self._spool.ack(message.id)
-        except SpoolError as exc:  # delivered: the worst case is a duplicate later
-            log.error("spool_ack_failed", error=str(exc))
+        except TransientDeliveryError as exc:
+            await self._defer(message.id, exc)
+            return self._done("queued", message.raw, replies.ok_queued(message.id))
+        # Delivered: the reply need not wait for the entry's removal (one commit less on the
+        # reply path; docs/performance.md). Until it commits the entry is out of the worker's
+        # reach (next_attempt_at), and if it never does, the worst case is a duplicate later.
+        self._acks.add(task := asyncio.create_task(self._ack(message.id)))
+        task.add_done_callback(self._acks.discard)
         _log_delivered(result, envelope, message)
         return self._done("accepted", message.raw, _accepted_reply(result, message.id))
+
+    async def _ack(self, msg_id: str) -> None:
+        assert self._spool is not None
+        try:
+            await self._spool.ack(msg_id)
+        except SpoolError as exc:  # delivered: the worst case is a duplicate later
+            log.error("spool_ack_failed", error=str(exc))
 
     async def _forget(self, msg_id: str) -> None:
         assert self._spool is not None
@@ -185,8 +210,10 @@ class Intake:
         except SpoolError as exc:
             log.error("spool_delete_failed", error=str(exc))
 
-    async def _defer(self, msg_id: str, exc: GatewayErrorLike, started: float) -> None:
+    async def _defer(self, msg_id: str, exc: GatewayErrorLike) -> None:
         assert self._spool is not None
+        # Never sooner than the provider's Retry-After (design §3); the worker's backoff
+        # takes over from the next attempt on.
         retry_after = getattr(exc, "retry_after", None) or 0.0
         next_at = self._clock() + max(self.config.backoff_min, retry_after)
         try:
@@ -235,7 +262,7 @@ class Intake:
         return reply
 
 
-GatewayErrorLike = TransientDeliveryError | MessageError
+GatewayErrorLike = DeliveryError | MessageError
 
 
 def _detail(exc: GatewayErrorLike) -> str:

@@ -16,7 +16,7 @@ from smtp2api.mime_headers import (
     scan_headers,
     without_fields,
 )
-from smtp2api.mime_parts import parse_tree, walk
+from smtp2api.mime_parts import Body, parse_tree, walk
 from smtp2api.mime_text import clean_line
 from smtp2api.models import Address, Envelope, Message
 
@@ -55,9 +55,16 @@ def parse_message(
     *,
     received: bytes = b"",
     limits: MimeLimits = MimeLimits(),
+    headers_only: bool = False,
 ) -> Message:
-    """Parse ``raw`` for ``envelope``; raises MessageError and nothing else."""
-    return parse_with_controls(raw, envelope, msg_id, received=received, limits=limits)[0]
+    """Parse ``raw`` for ``envelope``; raises MessageError and nothing else.
+
+    ``headers_only``: skip the body (no text, html or attachments), for routes whose
+    providers all take the raw MIME: the header-derived fields are the same, and a large
+    message then costs no more memory than its bytes (docs/performance.md)."""
+    return parse_with_controls(
+        raw, envelope, msg_id, received=received, limits=limits, headers_only=headers_only
+    )[0]
 
 
 def parse_with_controls(
@@ -67,10 +74,11 @@ def parse_with_controls(
     *,
     received: bytes = b"",
     limits: MimeLimits = MimeLimits(),
+    headers_only: bool = False,
 ) -> tuple[Message, Controls]:
     """``parse_message`` plus the Controls the message's headers carried."""
     try:
-        return _parse(raw, envelope, msg_id, received, limits)
+        return _parse(raw, envelope, msg_id, received, limits, headers_only=headers_only)
     except MessageError:
         raise
     except Exception as exc:  # safety net: each known failure is handled where it happens
@@ -78,7 +86,13 @@ def parse_with_controls(
 
 
 def _parse(
-    raw: bytes, envelope: Envelope, msg_id: str, received: bytes, limits: MimeLimits
+    raw: bytes,
+    envelope: Envelope,
+    msg_id: str,
+    received: bytes,
+    limits: MimeLimits,
+    *,
+    headers_only: bool = False,
 ) -> tuple[Message, Controls]:
     section = scan_headers(raw, max_fields=limits.max_headers, max_bytes=limits.max_header_bytes)
     named = [f for f in section.fields if f.name]
@@ -87,14 +101,7 @@ def _parse(
     controls = extract_controls([(f.name, f.text(encoded_words=False)) for f in named])
     dropped = [f for f in named if f.key in _BLIND_HEADERS or is_control_header(f.name)]
 
-    root = parse_tree(
-        raw,
-        max_depth=limits.max_depth,
-        max_parts=limits.max_parts,
-        max_headers=limits.max_headers,
-        max_header_bytes=limits.max_header_bytes,
-    )
-    body = walk(root, linesep="\r\n" if b"\r\n" in raw else "\n")
+    body = Body() if headers_only else _body(raw, limits)
 
     to, cc, bcc = _split_recipients(envelope.rcpt_tos, section)
     subject = section.first("subject")
@@ -121,6 +128,17 @@ def _parse(
         configuration_set=controls.configuration_set,
     )
     return message, controls
+
+
+def _body(raw: bytes, limits: MimeLimits) -> Body:
+    root = parse_tree(
+        raw,
+        max_depth=limits.max_depth,
+        max_parts=limits.max_parts,
+        max_headers=limits.max_headers,
+        max_header_bytes=limits.max_header_bytes,
+    )
+    return walk(root, linesep="\r\n" if b"\r\n" in raw else "\n")
 
 
 def _mailboxes(section: HeaderSection, key: str) -> list[tuple[str, str | None]]:

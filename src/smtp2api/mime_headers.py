@@ -14,6 +14,12 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")  # bare CR and LF count too, as in email.
 # RFC 5322 §3.6.8 field name (printable ASCII but ":"), with the obsolete white space before the
 # colon (§4.5.1) accepted so that "Bcc :" is recognised, and removed, like "Bcc:".
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# A junk line and every following line that is neither a field nor the empty line, matched at
+# once (possessive: no backtracking): a message without the empty line would otherwise cost a
+# Python loop turn per body line. Line breaks split as _LINE_END splits them.
+_JUNK_RUN = re.compile(
+    rb"[^\r\n]*+(?:(?:\r\n|\r(?!\n)|\n)(?![\r\n]|[\x21-\x39\x3b-\x7e]++[ \t]*+:)[^\r\n]*+)*+"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +82,9 @@ def scan_headers(raw: bytes, *, max_fields: int, max_bytes: int) -> HeaderSectio
             raise MessageError(f"more than {max_fields} header fields")
         if used > max_bytes:
             raise MessageError(f"header section larger than {max_bytes} bytes")
+        if not name:  # junk and what follows it, up to the next field or the empty line
+            value_end = _JUNK_RUN.match(raw, pos).end()  # type: ignore[union-attr]
+            next_pos = min(size, value_end + (2 if raw.startswith(b"\r\n", value_end) else 1))
         pos = next_pos
     if start >= 0:
         fields.append(HeaderField(name, raw[value_start:value_end], start, pos))

@@ -12,9 +12,15 @@ from collections.abc import Iterable, Sequence
 
 from smtp2api import replies
 from smtp2api.config import Account
+from smtp2api.mime_headers import parse_mailboxes, scan_headers
 from smtp2api.replies import SMTPReply
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+R553_FROM_NOT_ALLOWED = replies.R553_SENDER_NOT_ALLOWED.with_text(
+    "From header not allowed for this account"
+)
+# The header check reads the same section mime.py reads; intake enforces [mime] limits.
+_UNBOUNDED = 2**62
 
 
 def address_matches(address: str, patterns: Iterable[str]) -> bool:
@@ -52,3 +58,33 @@ class Policy:
         if mail_from and address_matches(mail_from, patterns):
             return None
         return replies.R553_SENDER_NOT_ALLOWED
+
+    def check_header_sender(self, account: str | None, raw: bytes) -> SMTPReply | None:
+        """None when the message's author fields are allowed for ``account``; 553 otherwise.
+
+        Providers send as the header From, not as the envelope sender, so an account limited
+        by ``allowed_senders`` is held to them in the header too (Postfix's
+        ``reject_sender_login_mismatch`` checks only the envelope). To leave nothing for a
+        downstream parser to read differently: at most one From and one Sender field (RFC 5322
+        §3.6), and every mailbox in them one valid addr-spec (``mime.parse_mailboxes``: not
+        ``a@x@y``, not two angle-addrs) that matches. ``mime.py``'s author, the first mailbox of
+        the first From, is then one of them. No From at all is allowed: providers then use the
+        envelope sender, which MAIL has checked.
+        """
+        patterns = self._senders.get(account, ()) if account is not None else ()
+        if not patterns:
+            return None
+        section = scan_headers(raw, max_fields=_UNBOUNDED, max_bytes=_UNBOUNDED)
+        for key in ("from", "sender"):
+            fields = section.all(key)
+            if len(fields) > 1:
+                return R553_FROM_NOT_ALLOWED
+            for field in fields:
+                boxes = parse_mailboxes(field.value)
+                # A quoted local part with its own "@" is legal, and split differently by APIs.
+                if not boxes or not all(
+                    addr and addr.count("@") == 1 and address_matches(addr, patterns)
+                    for _name, addr in boxes
+                ):
+                    return R553_FROM_NOT_ALLOWED
+        return None

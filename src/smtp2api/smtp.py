@@ -14,20 +14,22 @@ import re
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Session
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
 from smtp2api import replies
-from smtp2api.auth import Authenticator
+from smtp2api.auth import Authenticator, AuthThrottle
 from smtp2api.models import Envelope
 from smtp2api.policy import Policy
 from smtp2api.replies import SMTPReply
+from smtp2api.smtp_guard import GuardedSMTP, GuardLimits, reader_limit
+from smtp2api.smtp_init import getaddr, init_smtp
 
 log = structlog.get_logger("smtp2api.smtp")
 
@@ -46,10 +48,18 @@ _STOCK_REPLIES = {
     "503 Error: need RCPT command": "503 5.5.1 Need RCPT command first",
     "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command",
     "553 5.1.3 Error: malformed address": "553 5.1.3 Malformed address",
+    "500 Error: bad syntax": "500 5.5.2 Syntax error",
+    "500 Error: strict ASCII mode": "500 5.5.2 Syntax error",
+    "554 Command refused due to lack of security": "554 5.7.0 TLS negotiation failed",
 }
+# aiosmtpd echoes an unknown verb, which may hold any byte but LF: never send it back.
+_UNKNOWN_COMMAND = '500 Error: command "'
 # RFC 5321 §4.1.2: no control characters in a path; NUL, CR, LF smuggle commands or headers.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BYTES = re.compile(rb"[\x00\r\n]")
 _MAX_AUTH_FAILURES = 3
+_THREAD_BYTES = 256 * 1024  # as intake.py: larger messages are scanned off the event loop
+_T = TypeVar("_T")
 _session_ids = itertools.count(1)
 
 
@@ -86,9 +96,11 @@ class FrontConfig:
     max_message_size: int
     max_recipients: int
     idle_timeout: float
+    # smtp_guard.py: line length, DATA rate floor and junk-command limits
+    guards: GuardLimits = field(default_factory=GuardLimits)
 
 
-class GatewaySMTP(SMTP):
+class GatewaySMTP(GuardedSMTP):
     """One SMTP session: aiosmtpd's protocol with the gateway's limits and TLS/AUTH rules."""
 
     def __init__(
@@ -100,7 +112,10 @@ class GatewaySMTP(SMTP):
         tls_context: ssl.SSLContext | None,
     ) -> None:
         starttls = tls_context if front.kind == "starttls" else None
-        super().__init__(
+        self.line_length_limit = reader_limit(front.guards)  # sizes the stream reader
+        # SMTP.__init__'s effect without its per-connection reflection (smtp_init.py).
+        init_smtp(
+            self,
             handler,
             data_size_limit=front.max_message_size,
             enable_SMTPUTF8=True,
@@ -112,6 +127,7 @@ class GatewaySMTP(SMTP):
             timeout=front.idle_timeout,
             auth_require_tls=front.kind != "tls",
         )
+        self.init_guards(front.guards)
         # aiosmtpd keeps command_size_limits on the class and mutates it in EHLO; own a copy.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.front = front
@@ -122,6 +138,9 @@ class GatewaySMTP(SMTP):
         self.auth_failures = 0
         self._admitted = False
         self._refused = False
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        return getaddr(arg, self.local_part_limit)  # aiosmtpd's parser, minus a class per call
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -163,14 +182,10 @@ class GatewaySMTP(SMTP):
         with structlog.contextvars.bound_contextvars(session_id=self.session_id, peer=self.peer_ip):
             await super()._handle_client()
 
-    def _timeout_cb(self) -> None:
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(f"{replies.R421_IDLE_TIMEOUT}\r\n".encode())
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
-
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
+            if status.startswith(_UNKNOWN_COMMAND):
+                status = "500 5.5.2 Command not recognized"
             await super().push(_STOCK_REPLIES.get(status, status))
         else:
             await super().push(status)
@@ -185,12 +200,26 @@ class GatewaySMTP(SMTP):
 
     # AUTH: aiosmtpd's parsing, our asynchronous check (scrypt runs in a thread).
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        if await self._auth_throttled():
+            return AuthResult(success=False, handled=True)
         result: AuthResult = await super().auth_PLAIN(_, args)
         return await self._finish_auth(result)
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        if await self._auth_throttled():
+            return AuthResult(success=False, handled=True)
         result: AuthResult = await super().auth_LOGIN(_, args)
         return await self._finish_auth(result)
+
+    async def _auth_throttled(self) -> bool:
+        """Per-IP lock-out (``smtp.auth_failure_limit``): refused before any credential is
+        read or checked, so a locked-out guesser costs no scrypt work."""
+        handler: Handler = self.event_handler
+        if not handler.auth_throttle.is_locked(self.peer_ip):
+            return False
+        handler.on_auth(self, "throttled")
+        await self.refuse_and_close(replies.R421_TOO_MANY_AUTH_FAILURES, "auth_throttled")
+        return True
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         # Called synchronously by the base class: defer the real check to _finish_auth.
@@ -202,8 +231,8 @@ class GatewaySMTP(SMTP):
         handler: Handler = self.event_handler
         login, password = result.auth_data.login, result.auth_data.password
         username = login.decode("utf-8", "replace")
-        if _CONTROL.search(username) or b"\r" in password or b"\n" in password:
-            ok = False
+        if _CONTROL.search(username) or _CONTROL_BYTES.search(password):
+            ok = False  # CR/LF/NUL in a credential: refused unchecked (and still counted)
         else:
             ok = await handler.authenticator.check(username, password)
         handler.on_auth(self, ok)
@@ -211,6 +240,7 @@ class GatewaySMTP(SMTP):
             log.info("auth_succeeded", account=username)
             return AuthResult(success=True, auth_data=username)
         self.auth_failures += 1
+        handler.auth_throttle.failed(self.peer_ip)
         log.info("auth_failed", failures=self.auth_failures)
         if self.auth_failures >= _MAX_AUTH_FAILURES:
             await self.push(str(replies.R421_TOO_MANY_AUTH_FAILURES))
@@ -254,12 +284,15 @@ class Handler:
         route_size_limit: SizeLimitFn,
         max_recipients: int,
         on_reply: Callable[[SMTPReply | str], None] = lambda _: None,
-        on_auth_result: Callable[[bool], None] = lambda _: None,
+        on_auth_result: Callable[[bool | str], None] = lambda _: None,
         on_connection: Callable[[int], None] = lambda _: None,
         on_connection_result: Callable[[str], None] = lambda _: None,
+        auth_throttle: AuthThrottle | None = None,
     ) -> None:
         self.policy = policy
         self.authenticator = authenticator
+        # Per-IP AUTH failures; app.py passes one that outlives reloads.
+        self.auth_throttle = auth_throttle if auth_throttle is not None else AuthThrottle()
         self._accept = accept
         self._new_id = new_id
         self._route_size_limit = route_size_limit
@@ -294,8 +327,9 @@ class Handler:
         """Return once no session is inside DATA (shutdown bounds the wait)."""
         await self._data_done.wait()
 
-    def on_auth(self, server: GatewaySMTP, ok: bool) -> None:
-        self._on_auth_result(ok)
+    def on_auth(self, server: GatewaySMTP, result: bool | str) -> None:
+        """``True``/``False`` for success/failure, or ``"throttled"`` (metric labels)."""
+        self._on_auth_result(result)
 
     def _reply(self, reply: SMTPReply) -> str:
         self._on_reply(reply)
@@ -325,8 +359,8 @@ class Handler:
         account = server.account
         if not self.policy.may_relay(account, server.trusted):
             return self._reply(replies.R530_AUTH_REQUIRED)
-        if _CONTROL.search(address):
-            return self._reply(replies.R501_SYNTAX)
+        if _CONTROL.search(address) or address != (server.checked_path or "<>"):
+            return self._reply(replies.R501_SYNTAX)  # aiosmtpd read another path than we did
         mail_from = "" if address == "<>" else address
         refusal = self.policy.check_sender(account, mail_from)
         if refusal is not None:
@@ -353,7 +387,7 @@ class Handler:
     ) -> str:
         if not self.policy.may_relay(server.account, server.trusted):
             return self._reply(replies.R554_RELAY_DENIED)
-        if _CONTROL.search(address) or "@" not in address:
+        if _CONTROL.search(address) or "@" not in address or address != server.checked_path:
             return self._reply(replies.R501_SYNTAX)
         if len(envelope.rcpt_tos) >= self._max_recipients:
             return self._reply(replies.R452_TOO_MANY_RECIPIENTS)
@@ -370,6 +404,9 @@ class Handler:
         limit = self._route_size_limit(account, mail_from)
         if limit is not None and len(raw) > limit:
             return self._reply(replies.R552_TOO_LARGE)
+        refusal = await _in_thread_if_large(raw, self.policy.check_header_sender, account, raw)
+        if refusal is not None:
+            return self._reply(refusal)
         msg_id = self._new_id()
         model = Envelope(
             mail_from=mail_from,
@@ -386,6 +423,8 @@ class Handler:
                 reply = await self._accept(msg_id, received + raw, model)
         finally:
             self._leave_data(server)
+        if reply.is_success:
+            server.message_accepted()
         return self._reply(reply)
 
     async def handle_exception(self, error: Exception) -> str:
@@ -393,6 +432,13 @@ class Handler:
         # makes the client drop the mail. A 451 keeps it with the client.
         log.error("session_exception", exc_info=error)
         return self._reply(replies.R451_INTERNAL)
+
+
+async def _in_thread_if_large(raw: bytes, fn: Callable[..., _T], *args: Any) -> _T:
+    # Scanning a large message's header section can take long enough to stall other sessions.
+    if len(raw) > _THREAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def _declared_size(mail_options: list[str]) -> int | None:

@@ -1,7 +1,9 @@
 """The ``Spool`` contract, run against every backend (``BACKENDS``): what callers may rely on.
 
 A backend joins by adding an opener to ``_OPENERS``; each opener returns a new ``Spool`` over
-the same storage every time it is called (a restart), starting empty for each test.
+the same storage every time it is called (a restart), starting empty for each test. PostgreSQL
+runs on a throwaway local cluster (``tests/support/pg.py``): it fails in CI and skips elsewhere
+when PostgreSQL is not installed.
 """
 
 from __future__ import annotations
@@ -27,19 +29,27 @@ T0 = 1_700_000_000.0  # a fixed "now": the interface takes the clock as an argum
 Opener = Callable[[], Awaitable[Spool]]
 
 
-def _sqlite_settings(tmp_path: Path) -> SpoolSettings:
+def _sqlite_settings(request: pytest.FixtureRequest, tmp_path: Path) -> SpoolSettings:
     return SpoolSettings(url=f"sqlite:///{tmp_path}/data/spool.db", lease=LEASE)
 
 
-# A PostgreSQL backend adds ("postgresql", settings-from-$SMTP2API_TEST_POSTGRES_URL) here,
-# skipping when the variable is unset.
-_OPENERS: dict[str, Callable[[Path], SpoolSettings]] = {"sqlite": _sqlite_settings}
+def _postgres_settings(request: pytest.FixtureRequest, tmp_path: Path) -> SpoolSettings:
+    # A fresh database per test on the session's throwaway cluster (tests/support/pg.py);
+    # requested lazily, so SQLite-only runs never start PostgreSQL.
+    url = request.getfixturevalue("pg_url")
+    return SpoolSettings(url=url, lease=LEASE, node_id="contract-node")
+
+
+_OPENERS: dict[str, Callable[[pytest.FixtureRequest, Path], SpoolSettings]] = {
+    "sqlite": _sqlite_settings,
+    "postgresql": _postgres_settings,
+}
 BACKENDS = sorted(_OPENERS)
 
 
 @pytest.fixture(params=BACKENDS)
 async def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
-    settings = _OPENERS[request.param](tmp_path)
+    settings = _OPENERS[request.param](request, tmp_path)
     opened: list[Spool] = []
 
     async def opener() -> Spool:
@@ -126,14 +136,15 @@ async def test_claim_takes_due_entries_oldest_due_first_within_limit(spool: Spoo
         entry(1, due=T0 + 3),
         entry(2, due=T0 + 1),
         entry(3, due=T0 + 2),
-        entry(4, due=T0 + 100),
+        entry(4, due=T0 + 20),
     )
     for e in (later, first, second, future):
         await spool.put(e)
     assert [c.id for c in await spool.claim(2, T0 + 5)] == [first.id, second.id]
     assert [c.id for c in await spool.claim(10, T0 + 5)] == [later.id]
     assert await spool.claim(10, T0 + 5) == []  # active entries are not claimed twice
-    assert [c.id for c in await spool.claim(10, T0 + 100)] == [future.id]
+    # ... not even later on, while their leases (LEASE seconds) run
+    assert [c.id for c in await spool.claim(10, T0 + 20)] == [future.id]
 
 
 async def test_claim_with_no_room_claims_nothing(spool: Spool) -> None:
@@ -236,6 +247,26 @@ async def test_release_gives_back_an_untried_claim(spool: Spool) -> None:
     assert (stored.state, stored.attempts, stored.next_attempt_at) == ("queued", 3, T0)
 
 
+async def test_release_can_keep_the_attempt_and_set_the_due_time(spool: Spool) -> None:
+    tried, gated, done = entry(1, attempts=3), entry(2, attempts=3), entry(3)
+    for e in (tried, gated, done):
+        await spool.put(e)
+    await spool.claim(3, T0 + 1)
+    await spool.release(tried.id, attempted=True)  # a try cut short: it counts
+    await spool.release(gated.id, next_attempt_at=T0 + 60)  # never tried: due later
+    await spool.ack(done.id)
+    await spool.release(done.id)  # gone: a no-op
+    stored = {e.id: await spool.get(e.id) for e in (tried, gated, done)}
+    assert stored[done.id] is None
+    got = [(s.state, s.attempts, s.next_attempt_at) for s in stored.values() if s is not None]
+    assert got == [("queued", 4, tried.next_attempt_at), ("queued", 3, T0 + 60)]
+    await spool.defer(tried.id, T0 + 90, "451 4.3.0 x", None)
+    await spool.release(tried.id, next_attempt_at=T0)  # only active entries are released
+    again = await spool.get(tried.id)
+    assert again is not None
+    assert again.next_attempt_at == T0 + 90
+
+
 async def test_renew_extends_only_active_leases(spool: Spool) -> None:
     a, b, c = entry(1), entry(2), entry(3)
     for e in (a, b, c):
@@ -270,7 +301,11 @@ async def test_retry_makes_due_now_and_revives_the_dead(spool: Spool) -> None:
     revived = await spool.get(dead.id)
     assert revived is not None
     assert (revived.state, revived.attempts, revived.next_attempt_at) == ("queued", 7, T0 + 5)
+    assert revived.created_at == T0 + 5  # a new max_age period
     assert await spool.retry(waiting.id, now=T0 + 5)
+    kept = await spool.get(waiting.id)
+    assert kept is not None
+    assert kept.created_at == waiting.created_at  # only the dead start over
     assert {c.id for c in await spool.claim(10, T0 + 5)} == {dead.id, waiting.id}
     assert not await spool.retry(active.id)  # being tried right now
     assert not await spool.retry("unknown")

@@ -37,6 +37,7 @@ from smtp2api.errors import (
     TransientDeliveryError,
 )
 from smtp2api.models import Address, Envelope, Message, SendResult
+from smtp2api.providers.upstream import refusal_in
 from smtp2api.replies import SMTPReply, sanitize_text
 
 
@@ -128,7 +129,14 @@ def map_http_errors(progress: RequestProgress | None = None) -> Iterator[None]:
     """
     try:
         yield
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError) as exc:
+    except httpx.ConnectError as exc:
+        refused = refusal_in(exc)
+        if refused is not None:
+            # Design §8: the host resolves to a link-local or metadata address. Nothing was
+            # sent; an operator must fix the URL or DNS (451 4.3.5, as for a bad URL).
+            raise ProviderConfigError(f"upstream address refused: {refused}") from exc
+        raise ConnectFailed(f"connect failed: {type(exc).__name__}{_cause(exc)}") from exc
+    except (httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError) as exc:
         # Nothing reached the provider: safe to fail over at once (design §4: 451 4.4.1).
         raise ConnectFailed(f"connect failed: {type(exc).__name__}{_cause(exc)}") from exc
     except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.TooManyRedirects) as exc:
@@ -349,14 +357,41 @@ def classify_status(
     if 200 <= status < 300:
         raise ValueError(f"HTTP {status} is a success, not an error")
     cls, base, note = _rule(status)
-    request_id = request_id or find_request_id(headers)
-    log = "; ".join(
-        p for p in (f"HTTP {status}", note, detail, reason and f"reason={reason!r}") if p
+    return make_error(
+        cls,
+        base,
+        status=status,
+        headers=headers,
+        detail="; ".join(p for p in (note, detail) if p),
+        provider_code=provider_code,
+        request_id=request_id,
+        reason=reason,
     )
+
+
+def make_error(
+    cls: type[DeliveryError],
+    reply: SMTPReply,
+    *,
+    status: int,
+    headers: Mapping[str, str],
+    detail: str = "",
+    provider_code: str | None = None,
+    request_id: str | None = None,
+    reason: str = "",
+) -> DeliveryError:
+    """A ``cls`` error with ``reply``, built as ``classify_status`` builds its own.
+
+    For providers whose named errors pick the class and reply themselves: the reply text
+    carries ``reason`` only when the message is at fault, plus the provider code and request
+    id; ``detail`` (logs) gets the status and reason; transient errors get the retry hint.
+    """
+    request_id = request_id or find_request_id(headers)
+    log = "; ".join(p for p in (f"HTTP {status}", detail, reason and f"reason={reason!r}") if p)
     shown = reason if issubclass(cls, PermanentDeliveryError) else ""
     error = cls(
         log,
-        reply=annotate(base, shown, provider_code, request_id),
+        reply=annotate(reply, shown, provider_code, request_id),
         provider_code=provider_code,
         request_id=request_id,
         status=status,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from smtp2api.config import SpoolSettings
-from smtp2api.errors import SpoolError
+from smtp2api.errors import ConfigError, SpoolError
 from smtp2api.spool.base import STATES, Spool, SpoolEntry, SpoolSummary, State, new_message_id
 from smtp2api.spool.sqlite import SqliteSpool
 
@@ -49,8 +49,26 @@ def open_spool(settings: SpoolSettings, *, group_commit: bool = True) -> Spool:
     if url.startswith(_SQLITE):
         return SqliteSpool(sqlite_path(url), lease=settings.lease, group_commit=group_commit)
     if url.startswith(("postgresql://", "postgres://")):
-        # The URL is not echoed: it may hold a password.
-        raise SpoolError(
-            "spool.url: the PostgreSQL spool is not available in this version; use sqlite:///PATH"
-        )
+        return _postgres_spool(settings, group_commit)
     raise SpoolError("spool.url: unsupported scheme (expected sqlite:/// or postgresql://)")
+
+
+def _postgres_spool(settings: SpoolSettings, group_commit: bool) -> Spool:
+    # Imported here: psycopg is the optional extra ``smtp2api[postgres]``.
+    try:
+        from smtp2api.spool.postgres import PostgresSpool
+    except ImportError:
+        raise ConfigError(
+            [
+                "spool.url: a postgresql:// spool needs the PostgreSQL driver: "
+                "pip install 'smtp2api[postgres]'"
+            ]
+        ) from None
+    # The URL is never echoed in errors: it may hold a password.
+    return PostgresSpool(
+        settings.url,
+        lease=settings.lease,
+        node_id=settings.node_id or None,
+        timeout=settings.timeout,
+        group_commit=group_commit,
+    )

@@ -1,8 +1,9 @@
 """The spool interface: where accepted mail waits until a provider has taken it (design §1, §3).
 
-``Spool`` is a ``Protocol`` so that the embedded SQLite spool (``sqlite.py``) and a later
-PostgreSQL one (``FOR UPDATE SKIP LOCKED`` claims, leases taken over across nodes) are
-interchangeable without touching callers. Entries are frozen values; the spool owns all state.
+``Spool`` is a ``Protocol`` so that the embedded SQLite spool (``sqlite.py``) and the
+PostgreSQL one (``postgres.py``: ``FOR UPDATE SKIP LOCKED`` claims, leases taken over across
+nodes) are interchangeable without touching callers. Entries are frozen values; the spool
+owns all state.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import builtins
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -142,9 +143,12 @@ class Spool(Protocol):
         ...
 
     async def claim(self, limit: int, now: float) -> builtins.list[SpoolEntry]:
-        """Up to ``limit`` due queued entries, oldest ``next_attempt_at`` first, now ``active``
-        under a lease until ``now + lease``; ``attempts + 1`` is persisted before returning,
-        so a crash mid-try still counts the try."""
+        """Up to ``limit`` due entries, now ``active`` under a lease until ``now + lease``;
+        ``attempts + 1`` is persisted before returning, so a crash mid-try still counts the try.
+
+        Due: queued with ``next_attempt_at <= now`` (oldest first), and active entries whose
+        lease ran out (their claimer stopped renewing: it died, or could not record an
+        outcome); those come first."""
         ...
 
     async def renew(self, ids: Sequence[str], now: float) -> int:
@@ -169,9 +173,14 @@ class Spool(Protocol):
         """Record recipients a provider accepted (one chunk of a split send)."""
         ...
 
-    async def release(self, id: str) -> None:
-        """Give back an active entry that was claimed but not tried (shutdown): back to
-        ``queued`` with its claim's attempt uncounted. An interrupted try uses ``defer``."""
+    async def release(
+        self, id: str, *, next_attempt_at: float | None = None, attempted: bool = False
+    ) -> None:
+        """Give back a claim: an ``active`` entry goes back to ``queued`` (no-op otherwise).
+
+        ``attempted=False`` (a claim never tried: a closed rate gate) uncounts the claim's
+        attempt; ``attempted=True`` (a try cut short by shutdown) keeps it. ``next_attempt_at``
+        makes it due then (default: as it was, i.e. due now)."""
         ...
 
     async def recover(self, now: float) -> int:
@@ -187,8 +196,10 @@ class Spool(Protocol):
         ...
 
     async def retry(self, id: str, now: float | None = None) -> bool:
-        """Make a queued or dead entry due now (dead ones revived, attempts kept). False when
-        the id is unknown or the entry is being tried right now."""
+        """Make a queued or dead entry due now (dead ones revived, attempts kept). A revived
+        entry's ``created_at`` becomes ``now``: it gets a whole ``max_age`` again, instead of
+        dying at its first failure. False when the id is unknown or the entry is being tried
+        right now."""
         ...
 
     async def retry_all(self, now: float | None = None) -> int:
@@ -208,7 +219,8 @@ class Spool(Protocol):
         ...
 
     async def next_due_at(self) -> float | None:
-        """The earliest ``next_attempt_at`` of a queued entry: when a worker should wake."""
+        """When a worker should look again: the earliest ``next_attempt_at`` of a queued
+        entry, or the earliest lease end of an active one, whichever comes first."""
         ...
 
     async def check_writable(self) -> bool:
@@ -217,4 +229,16 @@ class Spool(Protocol):
 
     async def aclose(self) -> None:
         """Finish queued writes and close; idempotent."""
+        ...
+
+
+@runtime_checkable
+class WorkNotifier(Protocol):
+    """Optional, for spools shared by several processes (PostgreSQL ``LISTEN``/``NOTIFY``):
+    a worker subscribes to be woken as soon as another node makes work due, instead of at
+    its next poll. Spools without it (SQLite) are woken by their own process's intake."""
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (on the event loop, without blocking) when work may be due;
+        returns the function that unsubscribes."""
         ...

@@ -35,6 +35,16 @@ from smtp2api.spool.sqlite_io import (
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
+# Claimable rows: parameters (now, limit). A claim whose lease ran out was abandoned by its
+# claimer (it stopped renewing), so it is taken over like a due entry.
+_LAPSED = " WHERE state = 'active' AND lease_until < ? ORDER BY lease_until, id LIMIT ?"
+_DUE = " WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?"
+# Due now; a revived dead entry starts a new max_age period (the right-hand sides see the
+# row as it was). Parameters: (now, now, now, ...the WHERE clause's).
+_RETRY = (
+    "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?, "
+    "created_at = CASE WHEN state = 'dead' THEN ? ELSE created_at END "
+)
 _Suspects = builtins.list[tuple[int, str]]  # (rowid, reason) of rows that did not decode
 _Quarantined = builtins.list[tuple[str, str]]  # (msg_id, reason) moved to quarantine
 
@@ -140,32 +150,13 @@ class SqliteSpool:
         def op(conn: sqlite3.Connection) -> tuple[builtins.list[SpoolEntry], _Quarantined]:
             claimed: builtins.list[SpoolEntry] = []
             moved: _Quarantined = []
-            while len(claimed) < limit:
-                rows = conn.execute(
-                    schema.SELECT_ENTRIES + " WHERE state = 'queued' "
-                    "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-                    (now, limit - len(claimed)),
-                ).fetchall()
-                progress = False
-                for row in rows:
-                    try:
-                        entry = schema.decode_entry(row)
-                    except schema.CorruptRow:
-                        # Moved out of ``messages`` in this same transaction, so the next
-                        # SELECT does not see it again and the good entries are still claimed.
-                        gone = _quarantine(conn, [(row[0], "")], now)
-                        moved += gone
-                        progress = progress or bool(gone)
-                        continue
-                    progress = True
-                    conn.execute(
-                        "UPDATE messages SET state = 'active', attempts = attempts + 1, "
-                        "lease_until = ?, updated_at = ? WHERE rowid = ?",
-                        (lease_until, now, row[0]),
-                    )
-                    claimed.append(replace(entry, state="active", attempts=entry.attempts + 1))
-                if not progress:
-                    break
+            # Lapsed claims first (rare; see Spool.claim), then due entries: two queries, so
+            # each one walks the (state, ...) index instead of an OR scanning the table.
+            for where in (_LAPSED, _DUE):
+                room = limit - len(claimed)
+                moved += _claim_rows(
+                    conn, where, room, now=now, lease_until=lease_until, claimed=claimed
+                )
             return claimed, moved
 
         if limit <= 0:
@@ -220,11 +211,14 @@ class SqliteSpool:
 
         await self._write(op)
 
-    async def release(self, id: str) -> None:
+    async def release(
+        self, id: str, *, next_attempt_at: float | None = None, attempted: bool = False
+    ) -> None:
         await self._change(
-            "UPDATE messages SET state = 'queued', attempts = MAX(attempts - 1, 0), "
-            "lease_until = NULL, updated_at = ? WHERE id = ? AND state = 'active'",
-            (time.time(), id),
+            "UPDATE messages SET state = 'queued', attempts = MAX(attempts - ?, 0), "
+            "next_attempt_at = COALESCE(?, next_attempt_at), lease_until = NULL, "
+            "updated_at = ? WHERE id = ? AND state = 'active'",
+            (0 if attempted else 1, next_attempt_at, time.time(), id),
         )
 
     async def recover(self, now: float) -> int:
@@ -238,18 +232,15 @@ class SqliteSpool:
     async def retry(self, id: str, now: float | None = None) -> bool:
         when = time.time() if now is None else now
         changed = await self._change(
-            "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ? "
-            "WHERE id = ? AND state IN ('queued', 'dead')",
-            (when, when, id),
+            _RETRY + "WHERE id = ? AND state IN ('queued', 'dead')", (when, when, when, id)
         )
         return changed > 0
 
     async def retry_all(self, now: float | None = None) -> int:
         when = time.time() if now is None else now
         return await self._change(
-            "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ? "
-            "WHERE state = 'dead' OR (state = 'queued' AND next_attempt_at > ?)",
-            (when, when, when),
+            _RETRY + "WHERE state = 'dead' OR (state = 'queued' AND next_attempt_at > ?)",
+            (when, when, when, when),
         )
 
     async def delete(self, id: str) -> bool:
@@ -341,7 +332,9 @@ class SqliteSpool:
 
     async def next_due_at(self) -> float | None:
         return await self._scalar(
-            "SELECT MIN(next_attempt_at) FROM messages WHERE state = 'queued'"
+            "SELECT MIN(t) FROM ("
+            "SELECT MIN(next_attempt_at) AS t FROM messages WHERE state = 'queued' UNION ALL "
+            "SELECT MIN(lease_until) FROM messages WHERE state = 'active')"
         )
 
     async def _scalar(self, sql: str) -> float | None:
@@ -368,3 +361,41 @@ class SqliteSpool:
 def _quarantine(conn: sqlite3.Connection, suspects: _Suspects, now: float) -> _Quarantined:
     moved = (schema.quarantine_row(conn, rowid, now) for rowid, _ in suspects)
     return [m for m in moved if m is not None]
+
+
+def _claim_rows(
+    conn: sqlite3.Connection,
+    where: str,
+    room: int,
+    *,
+    now: float,
+    lease_until: float,
+    claimed: builtins.list[SpoolEntry],
+) -> _Quarantined:
+    """Claim up to ``room`` rows matching ``where`` into ``claimed``; returns what was moved
+    to quarantine on the way."""
+    moved: _Quarantined = []
+    while room > 0:
+        rows = conn.execute(schema.SELECT_ENTRIES + where, (now, room)).fetchall()
+        progress = False
+        for row in rows:
+            try:
+                entry = schema.decode_entry(row)
+            except schema.CorruptRow:
+                # Moved out of ``messages`` in this same transaction, so the next SELECT does
+                # not see it again and the good entries are still claimed.
+                gone = _quarantine(conn, [(row[0], "")], now)
+                moved += gone
+                progress = progress or bool(gone)
+                continue
+            progress = True
+            room -= 1
+            conn.execute(
+                "UPDATE messages SET state = 'active', attempts = attempts + 1, "
+                "lease_until = ?, updated_at = ? WHERE rowid = ?",
+                (lease_until, now, row[0]),
+            )
+            claimed.append(replace(entry, state="active", attempts=entry.attempts + 1))
+        if not progress:
+            break
+    return moved

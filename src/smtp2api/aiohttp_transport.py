@@ -1,0 +1,204 @@
+"""An httpx transport that sends through aiohttp: providers keep httpx's API, without its pool.
+
+httpcore's connection pool serialises under concurrency (at 50 ms API latency and 100
+requests in flight it did 108 requests/s where aiohttp did 1,748; issue 6, and
+``docs/performance.md``). ``AiohttpTransport`` keeps ``httpx.AsyncClient`` as the providers'
+interface and maps aiohttp's exceptions onto httpx's, so ``providers.base.map_http_errors``
+classifies failures exactly as with httpx's own transport. It also feeds httpx's ``trace``
+extension, so a deadline can still tell "never sent" (4.4.1) from "maybe delivered" (4.4.2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import httpx
+
+# Headers httpx always sets itself; aiohttp must not add its own variants of them.
+_SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# Hop-by-hop framing is aiohttp's business (RFC 9112 §6.1): it chunks a body of unknown size.
+_DROP = frozenset({"connection", "transfer-encoding", "keep-alive"})
+_CHUNK = 64 * 1024
+Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+@contextlib.contextmanager
+def map_aiohttp_errors(request: httpx.Request) -> Iterator[None]:
+    """aiohttp's exceptions as the httpx exceptions its own transport raises for the same
+    failure (``httpx/_transports/default.py``'s ``map_httpcore_exceptions``, in reverse)."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:  # pool wait or connect: nothing was sent
+        raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
+    except aiohttp.ServerTimeoutError as exc:  # sock_read: the request went out
+        raise httpx.ReadTimeout(str(exc) or "read timeout", request=request) from exc
+    except aiohttp.ClientConnectorError as exc:  # DNS, refused, TLS handshake, certificate
+        raise httpx.ConnectError(str(exc), request=request) from exc
+    except (aiohttp.NonHttpUrlClientError, aiohttp.InvalidUrlClientError) as exc:
+        raise httpx.UnsupportedProtocol(str(exc), request=request) from exc
+    except (
+        aiohttp.ServerDisconnectedError,
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientResponseError,
+    ) as exc:
+        # Closed before a complete answer, or an answer that is not HTTP.
+        raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from exc
+    except (aiohttp.ClientError, OSError) as exc:  # reset, broken pipe mid-exchange
+        raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+    except ValueError as exc:
+        # aiohttp refuses to write a header with CR/LF or a bad method: our request's fault.
+        raise httpx.LocalProtocolError(str(exc), request=request) from exc
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with map_aiohttp_errors(self._request):
+            async for chunk in self._response.content.iter_chunked(_CHUNK):
+                yield chunk
+
+    async def aclose(self) -> None:
+        # release() keeps the connection when the body was read to the end, else closes it.
+        self._response.release()
+
+
+async def _body(stream: httpx.AsyncByteStream) -> AsyncIterator[bytes]:
+    async for chunk in stream:
+        yield chunk
+
+
+def _timeouts(request: httpx.Request) -> aiohttp.ClientTimeout:
+    """httpx's per-phase timeouts, as far as aiohttp has them (no write timeout: the
+    provider's overall deadline bounds a stalled upload)."""
+    phases: dict[str, float | None] = request.extensions.get("timeout", {})
+    pool, connect, read = phases.get("pool"), phases.get("connect"), phases.get("read")
+    # aiohttp's ``connect`` covers waiting for a pooled connection plus making a new one.
+    waiting = None if pool is None and connect is None else (pool or 0.0) + (connect or 0.0)
+    return aiohttp.ClientTimeout(total=None, connect=waiting, sock_connect=connect, sock_read=read)
+
+
+async def _emit(params: Any, ctx: SimpleNamespace, event: str) -> None:
+    trace: Trace | None = getattr(ctx.trace_request_ctx, "trace", None)
+    if trace is not None:
+        await trace(event, {})
+
+
+def _trace_config() -> aiohttp.TraceConfig:
+    """httpcore's trace events, from aiohttp's hooks. "Sending" is reported as soon as a
+    connection is assigned, a moment before the headers are written: a deadline in that
+    moment then counts as "maybe delivered", the safe side (duplicates over losses)."""
+    config = aiohttp.TraceConfig()
+
+    async def connecting(_: Any, ctx: SimpleNamespace, params: Any) -> None:
+        await _emit(params, ctx, "connection.connect_tcp.started")
+
+    async def assigned(_: Any, ctx: SimpleNamespace, params: Any) -> None:
+        await _emit(params, ctx, "http11.send_request_headers.started")
+
+    async def sent(_: Any, ctx: SimpleNamespace, params: Any) -> None:
+        await _emit(params, ctx, "http11.send_request_headers.complete")
+
+    config.on_connection_create_start.append(connecting)
+    config.on_connection_create_end.append(assigned)
+    config.on_connection_reuseconn.append(assigned)
+    config.on_request_headers_sent.append(sent)
+    return config
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """``httpx.AsyncClient(transport=AiohttpTransport(...))``: one aiohttp session and pool.
+
+    The session is made on first use, inside the running loop (aiohttp binds it there).
+    Redirects are never followed (design §8); cookies are never kept; bodies are passed
+    through undecoded, since httpx decodes ``Content-Encoding`` itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        keepalive_expiry: float = 15.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._max_connections = max_connections
+        self._keepalive = keepalive_expiry
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+        # Read when the session is made: providers/upstream.py installs its address guard.
+        self.resolver: aiohttp.abc.AbstractResolver | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("transport is closed")
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                limit_per_host=0,
+                keepalive_timeout=self._keepalive,
+                ttl_dns_cache=60,
+                resolver=self.resolver,
+                # httpx's trust store (certifi, or SSL_CERT_FILE), so the choice of
+                # transport does not change which certificates are trusted.
+                ssl=self._ssl or httpx.create_ssl_context(),
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=_SKIP_AUTO,
+                trace_configs=[_trace_config()],
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._open()
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in request.headers.raw
+            if k.lower().decode("latin-1") not in _DROP
+        ]
+        body: bytes | AsyncIterator[bytes]
+        if hasattr(request, "_content"):  # built from bytes, str, json or form data
+            body = request.content
+        else:
+            assert isinstance(request.stream, httpx.AsyncByteStream)
+            body = _body(request.stream)
+        trace = SimpleNamespace(trace=request.extensions.get("trace"))
+        with map_aiohttp_errors(request):
+            response = await session.request(
+                request.method,
+                str(request.url),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=_timeouts(request),
+                trace_request_ctx=trace,
+                compress=None,
+            )
+        return httpx.Response(
+            response.status,
+            headers=list(response.raw_headers),
+            stream=_ResponseStream(response, request),
+            extensions={
+                "http_version": f"HTTP/{response.version.major}.{response.version.minor}".encode()
+                if response.version
+                else b"HTTP/1.1",
+                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
+            },
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
