@@ -148,8 +148,9 @@ async def test_rate_limited_message_is_queued_then_delivered(
     start_gateway: GatewayFactory, sendgrid: tuple[SendgridFake, FakeAPI]
 ) -> None:
     fake, api = sendgrid
-    # Reset after the sync window: the session cannot wait for it, the spool does.
-    fake.push(sendgrid_rate_limited(reset_in=2))
+    # Reset well after the sync window (X-RateLimit-Reset is whole epoch seconds, so allow
+    # for truncation): the session cannot wait for it, the spool does.
+    fake.push(sendgrid_rate_limited(reset_in=4))
     gw = await start_gateway(
         providers=providers(api),
         delivery={
@@ -163,6 +164,6 @@ async def test_rate_limited_message_is_queued_then_delivered(
     assert code == 250, text
     assert "queued as" in text
     queued_id = text.rsplit(" ", 1)[1]
-    await api.wait_for_requests(2, timeout=10)
+    await api.wait_for_requests(2, timeout=15)
     [delivered] = fake.accepted
     assert delivered.json["headers"]["X-Smtp2api-Id"] == queued_id
