@@ -61,7 +61,7 @@ async def parse(
     raw: bytes, envelope: Envelope, msg_id: str, limits: MimeLimits, *, headers_only: bool = False
 ) -> Message:
     """``parse_message``, in a thread when the message is large."""
-    if len(raw) > _THREAD_PARSE_BYTES and not headers_only:
+    if len(raw) > _THREAD_PARSE_BYTES:
         return await asyncio.to_thread(
             parse_message, raw, envelope, msg_id, limits=limits, headers_only=headers_only
         )
