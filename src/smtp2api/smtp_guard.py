@@ -372,9 +372,11 @@ class GuardedSMTP(SMTP):
         transport = self.transport
         if transport is None:
             return  # the session is over already
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        # Duck-typed: uvloop's transports write but are not asyncio.WriteTransport subclasses.
+        write = getattr(transport, "write", None)
+        if write is not None and not transport.is_closing():
             log.info("session_timeout", reply=str(self._timeout_reply))
-            transport.write(f"{self._timeout_reply}\r\n".encode())
+            write(f"{self._timeout_reply}\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
 
