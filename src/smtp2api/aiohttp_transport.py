@@ -11,6 +11,7 @@ extension, so a deadline can still tell "never sent" (4.4.1) from "maybe deliver
 from __future__ import annotations
 
 import contextlib
+import io
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import SimpleNamespace
@@ -24,6 +25,7 @@ _SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # Hop-by-hop framing is aiohttp's business (RFC 9112 §6.1): it chunks a body of unknown size.
 _DROP = frozenset({"connection", "transfer-encoding", "keep-alive"})
 _CHUNK = 64 * 1024
+_LARGE_BODY = 1024 * 1024  # aiohttp's own threshold (payload.TOO_LARGE_BYTES_BODY)
 Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
@@ -167,9 +169,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             for k, v in request.headers.raw
             if k.lower().decode("latin-1") not in _DROP
         ]
-        body: bytes | AsyncIterator[bytes]
+        body: bytes | io.BytesIO | AsyncIterator[bytes]
         if hasattr(request, "_content"):  # built from bytes, str, json or form data
             body = request.content
+            if len(body) >= _LARGE_BODY:
+                # aiohttp writes a large bytes body in one go and warns that it may block the
+                # loop; a BytesIO payload is written in chunks.
+                body = io.BytesIO(body)
         else:
             assert isinstance(request.stream, httpx.AsyncByteStream)
             body = _body(request.stream)

@@ -89,7 +89,8 @@ R452_SPOOL_FULL = SMTPReply(452, "4.3.1", "Insufficient system storage, try agai
 R452_TOO_MANY_RECIPIENTS = SMTPReply(452, "4.5.3", "Too many recipients")
 
 # Permanent (5xx): the message's or the client's fault.
-R500_LINE_TOO_LONG = SMTPReply(500, "5.5.2", "Line too long")
+# A message line over the limit is the message's fault (RFC 5322 §2.1.1), answered after the dot.
+R554_LINE_TOO_LONG = SMTPReply(554, "5.6.0", "Message rejected: line too long")
 R501_SYNTAX = SMTPReply(501, "5.5.4", "Syntax error in parameters")
 R530_AUTH_REQUIRED = SMTPReply(530, "5.7.0", "Authentication required")
 R530_TLS_REQUIRED = SMTPReply(530, "5.7.0", "Must issue a STARTTLS command first")

@@ -27,6 +27,7 @@ from smtp2api import replies
 from smtp2api.auth import Authenticator, AuthThrottle
 from smtp2api.models import Envelope
 from smtp2api.policy import Policy
+from smtp2api.proxy import ProxyGate, ProxyRefused
 from smtp2api.replies import SMTPReply
 from smtp2api.smtp_guard import GuardedSMTP, GuardLimits, reader_limit
 from smtp2api.smtp_init import getaddr, init_smtp
@@ -42,7 +43,6 @@ _STOCK_REPLIES = {
     "552 Error: Too much mail data": str(replies.R552_TOO_LARGE),
     "552 Error: message size exceeds fixed maximum message size": str(replies.R552_TOO_LARGE),
     "530 Must issue a STARTTLS command first": str(replies.R530_TLS_REQUIRED),
-    "500 Line too long (see RFC5321 4.5.3.1.6)": str(replies.R500_LINE_TOO_LONG),
     "500 Command line too long": "500 5.5.2 Command line too long",
     "503 Error: need MAIL command": "503 5.5.1 Need MAIL command first",
     "503 Error: need RCPT command": "503 5.5.1 Need RCPT command first",
@@ -98,6 +98,8 @@ class FrontConfig:
     idle_timeout: float
     # smtp_guard.py: line length, DATA rate floor and junk-command limits
     guards: GuardLimits = field(default_factory=GuardLimits)
+    # proxy.py: set when [smtp] proxy_protocol is on; the real client comes from the header
+    proxy: ProxyGate | None = None
 
 
 class GatewaySMTP(GuardedSMTP):
@@ -134,6 +136,7 @@ class GatewaySMTP(GuardedSMTP):
         self.tracker = tracker
         self.session_id = f"s{next(_session_ids)}-{secrets.token_hex(3)}"
         self.peer_ip = ""
+        self.proxy_ip: str | None = None  # the load balancer's address, behind PROXY
         self.trusted = False
         self.auth_failures = 0
         self._admitted = False
@@ -149,6 +152,12 @@ class GatewaySMTP(GuardedSMTP):
             return  # the STARTTLS re-entry: aiosmtpd has reset the session (RFC 3207 §4.2)
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else ""
+        if self.front.proxy is None:
+            self._admit()
+        # else the client is known only once _handle_client has read the PROXY header
+
+    def _admit(self) -> None:
+        """Trust, connection limits and TLS rules for ``peer_ip``, the real client."""
         handler: Handler = self.event_handler
         self.trusted = handler.policy.is_trusted(self.peer_ip)
         if self.tracker.try_open(self.peer_ip):
@@ -173,14 +182,46 @@ class GatewaySMTP(GuardedSMTP):
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
+        if self.front.proxy is not None and not await self._read_proxy(self.front.proxy):
+            return
         if self._refused:
             # RFC 5321 §3.1: a server may answer the greeting with 421 and close.
             await self.push(str(replies.R421_TOO_MANY_CONNECTIONS))
             if self.transport is not None:
                 self.transport.close()
             return
-        with structlog.contextvars.bound_contextvars(session_id=self.session_id, peer=self.peer_ip):
+        with structlog.contextvars.bound_contextvars(
+            session_id=self.session_id, peer=self.peer_ip, **self._proxy_context()
+        ):
             await super()._handle_client()
+
+    async def _read_proxy(self, gate: ProxyGate) -> bool:
+        """Read the PROXY header and admit its client; close without a banner otherwise."""
+        direct = self.peer_ip
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()  # the header has its own deadline: no 421 before it
+        try:
+            self.peer_ip, data = await gate.read(self._reader, direct)
+        except ProxyRefused as refused:
+            log.warning("proxy_refused", proxy=direct, reason=refused.reason)
+            self.event_handler.on_connection_result("rejected_proxy")
+            if self.transport is not None:
+                self.transport.close()
+            return False
+        except asyncio.CancelledError:
+            # aiosmtpd cancels this task on EOF but leaves the transport half-open for us.
+            if self.transport is not None:
+                self.transport.close()
+            raise
+        self.proxy_ip = direct
+        assert self.session is not None
+        self.session.proxy_data = data
+        self._reset_timeout()  # the idle timeout runs from the header, as from the connect
+        self._admit()
+        return True
+
+    def _proxy_context(self) -> dict[str, str]:
+        return {} if self.proxy_ip is None else {"proxy": self.proxy_ip}
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):

@@ -117,7 +117,7 @@ class _DataState:
     def overrun(self, fragment: bytes) -> None:
         self.wire += len(fragment)
         self.overlong, self.last_cr = True, fragment.endswith(b"\r")
-        self._refuse(replies.R500_LINE_TOO_LONG)
+        self._refuse(replies.R554_LINE_TOO_LONG)
 
     def piece(self, piece: bytes) -> bool:
         """Take one piece ending in LF; True when it is the end of the data."""
@@ -138,7 +138,7 @@ class _DataState:
 
     def _keep(self, body: bytes) -> None:
         if len(body) > self.max_line:
-            self._refuse(replies.R500_LINE_TOO_LONG)
+            self._refuse(replies.R554_LINE_TOO_LONG)
         elif b"\x00" in body:
             self._refuse(R554_NUL)  # RFC 5321 §4.5.2, RFC 2045 §2.7: no NUL in 7bit/8bit data
         elif len(self.out) + len(body) + 2 > self.max_bytes:

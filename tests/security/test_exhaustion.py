@@ -73,7 +73,7 @@ async def test_data_line_length_is_refused_after_the_dot_never_truncated(
     assert (await raw.cmd(ok + b".\r\n")).startswith("250")
     await transaction_until_data(raw)
     too_long = b"Subject: long\r\n\r\n" + b"y" * 2000 + b"\r\nmore\r\n"
-    assert (await raw.cmd(too_long + b".\r\n")) == "500 5.5.2 Line too long"
+    assert (await raw.cmd(too_long + b".\r\n")) == "554 5.6.0 Message rejected: line too long"
     assert (await raw.cmd("NOOP")).startswith("250")  # the session goes on
     [message] = delivered(outbox)
     assert message.body.endswith(b"y" * 998 + b"\r\n" + b"z" * 998 + b"\r\n")
@@ -98,7 +98,7 @@ async def test_a_data_line_that_never_ends_is_not_buffered(
     await transaction_until_data(raw)
     peak = await flood(raw, gw, 4_000_000, b"x" * 32_768)
     assert peak < 300_000
-    assert (await raw.cmd(b"\r\n.\r\n")) == "500 5.5.2 Line too long"
+    assert (await raw.cmd(b"\r\n.\r\n")) == "554 5.6.0 Message rejected: line too long"
     assert delivered(outbox) == []
 
 

@@ -128,7 +128,7 @@ async def test_a_2_mb_line_over_smtp_is_refused_at_the_line_limit(
     await transaction_until_data(raw)
     line = base64.b64encode(b"\0" * 1_500_000)
     reply = await raw.cmd(b"Content-Transfer-Encoding: base64\r\n\r\n" + line + b"\r\n.\r\n")
-    assert reply == "500 5.5.2 Line too long"
+    assert reply == "554 5.6.0 Message rejected: line too long"
     assert delivered(outbox) == []
 
 
