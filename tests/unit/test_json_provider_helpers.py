@@ -11,6 +11,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from smtp2api import config
 from smtp2api.errors import (
     OutcomeUnknown,
     PayloadBug,
@@ -18,7 +19,8 @@ from smtp2api.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from smtp2api.models import Address, Envelope, Message
+from smtp2api.models import Address, Attachment, Envelope, Message
+from smtp2api.providers import postmark, resend, sendgrid
 from smtp2api.providers.base import (
     MAX_ERROR_BODY,
     make_error,
@@ -32,8 +34,10 @@ from smtp2api.providers.jsonapi import (
     report_payload_bug,
     sender_address,
 )
+from smtp2api.providers.registry import build_provider
 from smtp2api.replies import R451_RATE_LIMITED, R554_BAD_MESSAGE
 from tests.support.mock_http import mock_client
+from tests.support.models import ENVELOPE, json_message
 
 URL = "https://api.example.net/send"
 
@@ -152,3 +156,24 @@ def test_only_payload_bugs_are_reported() -> None:
     assert [(e["event"], e["log_level"], e["status"]) for e in logs] == [
         ("provider_payload_refused", "error", 400)
     ]
+
+
+@pytest.mark.parametrize(
+    ("module", "settings"),
+    [
+        (postmark, config.PostmarkProvider(type="postmark", server_token="pm-token-0123456789")),
+        (resend, config.ResendProvider(type="resend", api_key="re_0123456789abcdef")),
+        (sendgrid, config.SendgridProvider(type="sendgrid", api_key="SG.0123456789abcdef")),
+    ],
+    ids=["postmark", "resend", "sendgrid"],
+)
+async def test_too_large_a_request_is_refused_before_sending(
+    module: object, settings: config.ProviderSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(module, "MAX_REQUEST_BYTES", 1000)
+    big = json_message(attachments=(Attachment("big.bin", "application/octet-stream", b"x" * 900),))
+    async with mock_client(httpx.Response(200, json={"id": "x"})) as (client, calls):
+        with pytest.raises(ProviderRejected) as caught:
+            await build_provider("json", settings, client).send(big, ENVELOPE)
+    assert calls == []
+    assert str(caught.value.reply).startswith("552 5.3.4")

@@ -20,19 +20,16 @@ from smtp2api.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from smtp2api.models import Address, Attachment, Envelope, Message, SendResult
+from smtp2api.models import Address, Envelope, Message, SendResult
 from smtp2api.providers import postmark
 from smtp2api.providers.base import Provider
 from smtp2api.providers.postmark import PostmarkProvider
 from smtp2api.providers.registry import build_provider
 from tests.support.fake_providers import postmark_request_validators
 from tests.support.mock_http import body_of, mock_client, raising
+from tests.support.models import ENVELOPE, json_message
 
 TOKEN = "c0ffee00-1234-5678-9abc-def012345678"
-ENVELOPE = Envelope(
-    "bounce@example.com", ("rcpt@example.net", "cc@example.net", "hidden@example.net")
-)
-PNG = b"\x89PNG\r\n\x1a\n-image-"
 MESSAGE_ID = "0a129aee-e1cd-480d-b08d-4f48548ff48d"
 
 
@@ -43,26 +40,12 @@ def spec() -> dict[str, Any]:
 
 def make_message(**changes: Any) -> Message:
     fields: dict[str, Any] = {
-        "id": "01J0MSGID0000000000000000",
-        "raw": b"From: s@example.com\r\n\r\nHi\r\n",
-        "from_": Address("sender@example.com", "Sender"),
-        "to": (Address("rcpt@example.net", "Doe, Jane"),),
-        "cc": (Address("cc@example.net"),),
-        "bcc": (Address("hidden@example.net"),),
         "reply_to": (Address("help@example.com"), Address("desk@example.com", "Desk")),
-        "subject": "Hello \u00e9",
-        "text": "Hi",
-        "html": '<p>Hi <img src="cid:logo@example.com"></p>',
         "headers": (("X-Campaign", "spring"), ("X-Campaign", "two"), ("X-Smtp2api-Id", "forged")),
-        "attachments": (
-            Attachment("a.pdf", "application/pdf", b"%PDF-1.4"),
-            Attachment("logo.png", "image/png", PNG, "inline", "logo@example.com"),
-        ),
         "tags": ("welcome", "second"),
         "metadata": {"order": "42", "Order": "shadowed", "client-id": "7"},
     }
-    fields.update(changes)
-    return Message(**fields)
+    return json_message(**{**fields, **changes})
 
 
 def settings(**changes: Any) -> config.PostmarkProvider:
@@ -322,15 +305,3 @@ async def test_non_ascii_custom_headers_go_as_encoded_words() -> None:
         "Name": "X-Campaign",
         "Value": "=?utf-8?b?RnLDvGhsaW5n?=",
     }
-
-
-async def test_too_large_a_request_is_refused_before_sending(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(postmark, "MAX_REQUEST_BYTES", 1000)
-    big = make_message(attachments=(Attachment("big.bin", "application/octet-stream", b"x" * 900),))
-    async with mock_client(accepted()) as (client, calls):
-        with pytest.raises(ProviderRejected) as caught:
-            await PostmarkProvider("pm", settings(), client).send(big, ENVELOPE)
-    assert calls == []
-    assert str(caught.value.reply).startswith("552 5.3.4")

@@ -8,24 +8,17 @@ design §4. Providers never log bodies or secrets.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import math
 import re
-import socket
-import ssl
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, runtime_checkable
 
-import httpx
-
 from smtp2api import replies
 from smtp2api.errors import (
-    ConnectFailed,
     DeliveryError,
     OutcomeUnknown,
     PayloadBug,
@@ -37,8 +30,35 @@ from smtp2api.errors import (
     TransientDeliveryError,
 )
 from smtp2api.models import Address, Envelope, Message, SendResult
-from smtp2api.providers.upstream import refusal_in
+from smtp2api.providers.request import (  # moved to request.py; still importable from here
+    MAX_ERROR_BODY,
+    RequestProgress,
+    map_http_errors,
+    read_limited,
+)
 from smtp2api.replies import SMTPReply, sanitize_text
+
+__all__ = [
+    "MAX_ERROR_BODY",
+    "MAX_RETRY_AFTER",
+    "Provider",
+    "RequestProgress",
+    "Rule",
+    "annotate",
+    "answer_id",
+    "classify_status",
+    "error_code",
+    "error_text",
+    "find_request_id",
+    "for_envelope",
+    "make_error",
+    "map_http_errors",
+    "named_error",
+    "parse_json",
+    "read_limited",
+    "redact",
+    "retry_after_seconds",
+]
 
 
 @runtime_checkable
@@ -61,7 +81,6 @@ class Provider(Protocol):
 
 # --- shared helpers ------------------------------------------------------------------------
 
-MAX_ERROR_BODY = 64 * 1024  # bytes of a response body ever read: ids and error messages are small
 MAX_RETRY_AFTER = 86_400.0  # a provider asking for more than a day is misconfigured or lying
 _REASON_LIMIT = 120  # characters of a provider's error message kept for a reply line
 _EPOCH_MS = 10**11  # X-RateLimit-Reset above this is epoch milliseconds, not seconds
@@ -78,80 +97,6 @@ _REQUEST_ID_HEADERS = (
 _BEARER = re.compile(r"(?i)\b(bearer|basic|token)\s+\S+")
 # Long opaque runs (API keys, JWT segments, signed URLs' tokens) that a provider might echo.
 _OPAQUE = re.compile(r"(?<![\w+/=-])(?=[\w+/=-]*\d)(?=[\w+/=-]*[A-Za-z])[\w+/=-]{32,}")
-
-
-class RequestProgress:
-    """How far one request got, from httpcore's ``trace`` extension.
-
-    Lets a deadline that fires mid-call tell "never sent" (451 4.4.1) from "maybe delivered"
-    (451 4.4.2). Transports that do not trace (``MockTransport``) report nothing, and then
-    the conservative answer, "maybe delivered", is used.
-    """
-
-    __slots__ = ("sending", "traced")
-
-    def __init__(self) -> None:
-        self.traced = False
-        self.sending = False
-
-    async def trace(self, event: str, info: dict[str, Any]) -> None:
-        self.traced = True
-        if "send_request_headers" in event:
-            self.sending = True
-
-    @property
-    def maybe_sent(self) -> bool:
-        return self.sending or not self.traced
-
-
-def _cause(exc: BaseException) -> str:
-    """A log-safe hint from the OS error under an httpx error: errno or TLS reason, no text."""
-    seen: BaseException | None = exc
-    for _ in range(6):
-        seen = seen.__cause__ or seen.__context__ if seen is not None else None
-        if isinstance(seen, ssl.SSLError):
-            return f" (TLS {getattr(seen, 'reason', None) or 'error'})"
-        if isinstance(seen, socket.gaierror):
-            return " (DNS lookup failed)"
-        if isinstance(seen, OSError) and seen.errno is not None:
-            return f" ({errno.errorcode.get(seen.errno, seen.errno)})"
-    return ""
-
-
-@contextmanager
-def map_http_errors(progress: RequestProgress | None = None) -> Iterator[None]:
-    """Turn httpx's transport exceptions into the delivery error tree.
-
-    In the style of httpx's ``map_httpcore_exceptions``. The exception's class name goes to
-    ``detail`` (logs); replies keep their fixed text. A builtin ``TimeoutError`` is the
-    caller's overall deadline (``asyncio.timeout``): ``progress`` says whether it fired
-    before the request was written.
-    """
-    try:
-        yield
-    except httpx.ConnectError as exc:
-        refused = refusal_in(exc)
-        if refused is not None:
-            # Design §8: the host resolves to a link-local or metadata address. Nothing was
-            # sent; an operator must fix the URL or DNS (451 4.3.5, as for a bad URL).
-            raise ProviderConfigError(f"upstream address refused: {refused}") from exc
-        raise ConnectFailed(f"connect failed: {type(exc).__name__}{_cause(exc)}") from exc
-    except (httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError) as exc:
-        # Nothing reached the provider: safe to fail over at once (design §4: 451 4.4.1).
-        raise ConnectFailed(f"connect failed: {type(exc).__name__}{_cause(exc)}") from exc
-    except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.TooManyRedirects) as exc:
-        raise ProviderConfigError(f"bad provider URL: {type(exc).__name__}") from exc
-    except httpx.LocalProtocolError as exc:
-        # h11 refused to write our request (e.g. a configured header with CR/LF): our bug.
-        raise PayloadBug(f"invalid request: {type(exc).__name__}") from exc
-    except (httpx.TransportError, httpx.DecodingError) as exc:
-        # ReadTimeout, WriteTimeout, ReadError, WriteError, RemoteProtocolError, CloseError:
-        # the request may have been processed; a retry reuses the message id (design §3).
-        raise OutcomeUnknown(f"no answer: {type(exc).__name__}{_cause(exc)}") from exc
-    except TimeoutError as exc:
-        if progress is not None and not progress.maybe_sent:
-            raise ConnectFailed("connect failed: deadline exceeded before sending") from exc
-        raise OutcomeUnknown("no answer: deadline exceeded") from exc
 
 
 def _header_map(headers: Mapping[str, str]) -> dict[str, str]:
@@ -401,23 +346,29 @@ def make_error(
     return error
 
 
-async def read_limited(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
-    """At most ``limit`` bytes of the (decoded) body; a body that breaks off is cut short.
+Rule = tuple[type[DeliveryError], SMTPReply]  # a provider's own class and reply for an answer
 
-    The status line is what decides the outcome; the body only adds an id or a reason, so a
-    huge, endless or broken body must neither exhaust memory nor turn an answer into an error.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in response.aiter_bytes():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-    except (httpx.TransportError, httpx.DecodingError):
-        pass
-    return b"".join(chunks)[:limit]
+
+def named_error(
+    rule: Rule | None,
+    status: int,
+    *,
+    headers: Mapping[str, str],
+    provider_code: str | None = None,
+    reason: str = "",
+) -> DeliveryError:
+    """The error for a provider's named ``rule`` (``make_error``); without one, design §4's
+    generic rows decide by ``status`` (``classify_status``)."""
+    common: dict[str, Any] = {"headers": headers, "provider_code": provider_code, "reason": reason}
+    if rule is None:
+        return classify_status(status, **common)
+    return make_error(rule[0], rule[1], status=status, **common)
+
+
+def answer_id(data: Any, key: str) -> str | None:
+    """``data[key]`` when it is a string, made reply-safe: the provider's id for the message."""
+    found = data.get(key) if isinstance(data, dict) else None
+    return sanitize_text(found, 200) or None if isinstance(found, str) else None
 
 
 def for_envelope(message: Message, envelope: Envelope) -> Message:

@@ -30,13 +30,7 @@ from smtp2api.errors import (
     ProviderUnavailable,
 )
 from smtp2api.models import Envelope, Message, SendResult
-from smtp2api.providers.base import (
-    MAX_ERROR_BODY,
-    RequestProgress,
-    map_http_errors,
-    parse_json,
-    read_limited,
-)
+from smtp2api.providers.base import parse_json
 from smtp2api.providers.graph_auth import TokenSource
 from smtp2api.providers.graph_errors import R552_TOO_LARGE, map_graph_error
 from smtp2api.providers.graph_mime import (
@@ -45,6 +39,7 @@ from smtp2api.providers.graph_mime import (
     b64_size,
     detach_large_parts,
 )
+from smtp2api.providers.request import MAX_ERROR_BODY, ApiAnswer, bounded_request
 
 log = structlog.get_logger("smtp2api.providers.graph")
 
@@ -88,9 +83,6 @@ class GraphApiProvider:
         self._user_id = settings.user_id
         self._save_to_sent = settings.save_to_sent_items
         self._timeout = settings.timeout
-        self._phases = httpx.Timeout(
-            settings.timeout, connect=settings.timeout * 0.4, pool=settings.timeout * 0.4
-        )
         self._cleanups: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -133,10 +125,10 @@ class GraphApiProvider:
                     "message body alone exceeds Graph's request limit", reply=R552_TOO_LARGE
                 )
             mime, detached = split
-        _, _, body = await self._call(
+        created = await self._call(
             "POST", f"{base}/messages", mailbox, mime=mime, limit=_DRAFT_BODY_LIMIT
         )
-        data = parse_json(body)
+        data = parse_json(created.body)
         draft_id = data.get("id") if isinstance(data, dict) else None
         if not isinstance(draft_id, str) or not draft_id:
             raise ProviderUnavailable("draft created without an id")
@@ -179,10 +171,10 @@ class GraphApiProvider:
             await self._call("POST", f"{draft}/attachments", mailbox, payload=payload)
             return
         session = {"AttachmentItem": {"attachmentType": "file", **meta, "size": len(item.content)}}
-        _, _, body = await self._call(
+        created = await self._call(
             "POST", f"{draft}/attachments/createUploadSession", mailbox, payload=session
         )
-        data = parse_json(body)
+        data = parse_json(created.body)
         url = data.get("uploadUrl") if isinstance(data, dict) else None
         if not isinstance(url, str):
             raise ProviderUnavailable("upload session without an uploadUrl")
@@ -205,10 +197,10 @@ class GraphApiProvider:
                 "Content-Type": "application/octet-stream",
                 "Content-Range": f"bytes {start}-{end}/{total}",  # RFC 9110 §14.4
             }
-            status, response_headers, body = await self._request("PUT", url, headers, chunk)
-            if not 200 <= status < 300:
+            answer = await self._request("PUT", url, headers, chunk)
+            if not answer.ok:
                 raise map_graph_error(
-                    status, response_headers, body, provider=self.name, mailbox=mailbox
+                    answer.status, answer.headers, answer.body, provider=self.name, mailbox=mailbox
                 )
 
     async def _discard(self, draft: str, mailbox: str) -> None:
@@ -232,7 +224,7 @@ class GraphApiProvider:
         payload: Any = None,
         content: bytes | None = None,
         limit: int = MAX_ERROR_BODY,
-    ) -> tuple[int, httpx.Headers, bytes]:
+    ) -> ApiAnswer:
         """One authorised Graph call; a 401 refreshes the token and retries once (design §4)."""
         headers: dict[str, str] = {}
         if mime is not None:
@@ -244,17 +236,15 @@ class GraphApiProvider:
         for attempt in (1, 2):
             token = await self.tokens.get()
             headers["Authorization"] = f"Bearer {token}"
-            status, response_headers, body = await self._request(
-                method, url, headers, content, limit
-            )
-            if status == 401 and attempt == 1:
+            answer = await self._request(method, url, headers, content, limit)
+            if answer.status == 401 and attempt == 1:
                 # An expired or revoked token: nothing was done, so the retry is safe.
                 await self.tokens.invalidate(token)
                 continue
-            if 200 <= status < 300:
-                return status, response_headers, body
+            if answer.ok:
+                return answer
             raise map_graph_error(
-                status, response_headers, body, provider=self.name, mailbox=mailbox
+                answer.status, answer.headers, answer.body, provider=self.name, mailbox=mailbox
             )
         raise PayloadBug("unreachable")  # pragma: no cover - the loop returns or raises
 
@@ -265,35 +255,23 @@ class GraphApiProvider:
         headers: dict[str, str],
         content: bytes | None,
         limit: int = MAX_ERROR_BODY,
-    ) -> tuple[int, httpx.Headers, bytes]:
-        """One bounded request: (status, headers, at most ``limit`` bytes of body)."""
-        progress = RequestProgress()
-        status: int | None = None
-        response_headers = httpx.Headers()
-        body = b""
+    ) -> ApiAnswer:
+        """One bounded request (``request.bounded_request``), at most ``limit`` bytes of body."""
         stream: AsyncIterator[bytes] | None = None
         if content is not None:
             # Bodies of up to 4 MiB go out in slices, with their length declared (no chunked
             # encoding): a transport then never holds the loop for one large write.
             stream = _slices(content)
             headers = {**headers, "Content-Length": str(len(content))}
-        try:
-            with map_http_errors(progress):
-                async with asyncio.timeout(self._timeout):
-                    async with self._client.stream(
-                        method,
-                        url,
-                        content=stream,
-                        headers=headers,
-                        timeout=self._phases,
-                        extensions={"trace": progress.trace},
-                    ) as response:
-                        status, response_headers = response.status_code, response.headers
-                        body = await read_limited(response, limit)
-        except OutcomeUnknown:
-            if status is None:
-                raise
-        return status, response_headers, body
+        return await bounded_request(
+            self._client,
+            method,
+            url,
+            budget=self._timeout,
+            limit=limit,
+            content=stream,
+            headers=headers,
+        )
 
 
 async def _slices(content: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:

@@ -6,7 +6,6 @@ vocabulary, so its status code decides the reply; 400/422 are the message's faul
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,19 +13,17 @@ from urllib.parse import urlsplit
 import httpx
 
 from smtp2api import config, replies
-from smtp2api.errors import DeliveryError, OutcomeUnknown
+from smtp2api.errors import DeliveryError
 from smtp2api.models import Envelope, Message, SendResult
 from smtp2api.providers.base import (
-    RequestProgress,
     annotate,
     classify_status,
     error_code,
     error_text,
     for_envelope,
-    map_http_errors,
     parse_json,
-    read_limited,
 )
+from smtp2api.providers.request import bounded_request
 from smtp2api.replies import sanitize_text
 
 MAX_RECIPIENTS = 1000  # per call; a generic API states none, and larger envelopes are split
@@ -131,13 +128,6 @@ class HttpApiProvider:
         self._client = client
         self._url = endpoint(settings)
         self._timeout = settings.timeout
-        # Waiting for a pooled connection and connecting (TCP + TLS) get 40 % of the budget
-        # each, so httpx's own timeout ends them, never the overall deadline: a cancellation
-        # during the TLS handshake leaks the socket (httpcore 1.0 ``start_tls`` only cleans up
-        # on ``Exception``), and PoolTimeout/ConnectTimeout say for sure "never sent" (4.4.1).
-        self._phases = httpx.Timeout(
-            settings.timeout, connect=settings.timeout * 0.4, pool=settings.timeout * 0.4
-        )
         headers = httpx.Headers(settings.headers)
         # Ours win over configured headers: they carry the protocol, not preferences.
         headers["Content-Type"] = "application/json"
@@ -159,39 +149,19 @@ class HttpApiProvider:
         # The same id on every attempt: the API can drop duplicates of a retried call (design §3).
         headers["X-Smtp2api-Id"] = message.id
         headers["Idempotency-Key"] = message.id
-        status, response_headers, body = await self._post(message.as_json(), headers)
-        if 200 <= status < 300:
-            return SendResult(provider=self.name, provider_id=_provider_id(body, response_headers))
-        raise self._error(status, response_headers, body)
-
-    async def _post(
-        self, payload: dict[str, Any], headers: httpx.Headers
-    ) -> tuple[int, httpx.Headers, bytes]:
-        """One bounded POST: (status, headers, at most 64 KB of body)."""
-        progress = RequestProgress()
-        status: int | None = None
-        response_headers = httpx.Headers()
-        body = b""
-        try:
-            with map_http_errors(progress):
-                # The overall deadline bounds a server that drips its answer a byte at a time;
-                # httpx's per-phase timeouts tell connect from read.
-                async with asyncio.timeout(self._timeout):
-                    async with self._client.stream(
-                        "POST",
-                        self._url,
-                        json=payload,
-                        headers=headers,
-                        timeout=self._phases,
-                        extensions={"trace": progress.trace},
-                    ) as response:
-                        status, response_headers = response.status_code, response.headers
-                        body = await read_limited(response)
-        except OutcomeUnknown:
-            if status is None:
-                raise
-            # The status line arrived before the deadline: it decides, the body is extra.
-        return status, response_headers, body
+        answer = await bounded_request(
+            self._client,
+            "POST",
+            self._url,
+            budget=self._timeout,
+            json=message.as_json(),
+            headers=headers,
+        )
+        if answer.ok:
+            return SendResult(
+                provider=self.name, provider_id=_provider_id(answer.body, answer.headers)
+            )
+        raise self._error(answer.status, answer.headers, answer.body)
 
     def _error(self, status: int, headers: httpx.Headers, body: bytes) -> DeliveryError:
         data = parse_json(body)

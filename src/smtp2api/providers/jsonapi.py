@@ -1,5 +1,6 @@
 """What the JSON providers (``sendgrid``, ``postmark``, ``resend``) share, as functions: one
-bounded POST, request sizes, the sender, header values, the payload-bug log.
+bounded, size-checked POST and its error path, request sizes, the sender, header values, the
+payload-bug log.
 
 ``base.py`` keeps the ``Provider`` shape and the helpers every provider uses; this module holds
 those of the APIs that get the parsed message as JSON rather than the raw MIME.
@@ -7,10 +8,8 @@ those of the APIs that get the parsed message as JSON rather than the raw MIME.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.header import Header
 from typing import Any
 
@@ -18,9 +17,9 @@ import httpx
 import structlog
 
 from smtp2api import replies
-from smtp2api.errors import DeliveryError, OutcomeUnknown, PayloadBug, ProviderRejected
+from smtp2api.errors import DeliveryError, PayloadBug, ProviderRejected
 from smtp2api.models import Address, Envelope, Message
-from smtp2api.providers.base import RequestProgress, map_http_errors, read_limited
+from smtp2api.providers.request import ApiAnswer, bounded_request
 
 log = structlog.get_logger("smtp2api.providers")
 
@@ -94,30 +93,6 @@ def report_payload_bug(provider: str, error: DeliveryError) -> None:
         )
 
 
-def phase_timeouts(timeout: float) -> httpx.Timeout:
-    """httpx's per-phase timeouts for a call bounded by ``timeout`` seconds overall.
-
-    Waiting for a pooled connection and connecting (TCP + TLS) get 40 % of the budget each, so
-    httpx's own timeout ends them, never the overall deadline: a cancellation during the TLS
-    handshake leaks the socket (httpcore 1.0 ``start_tls`` only cleans up on ``Exception``),
-    and PoolTimeout/ConnectTimeout say for sure "never sent" (451 4.4.1).
-    """
-    return httpx.Timeout(timeout, connect=timeout * 0.4, pool=timeout * 0.4)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ApiAnswer:
-    """One API answer: status, headers and at most ``MAX_ERROR_BODY`` bytes of body."""
-
-    status: int
-    headers: httpx.Headers
-    body: bytes
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.status < 300
-
-
 async def post_json(
     client: httpx.AsyncClient,
     url: str,
@@ -128,31 +103,34 @@ async def post_json(
 ) -> ApiAnswer:
     """One bounded POST of a JSON ``body`` (from ``encode_json``); transport errors mapped.
 
-    ``budget`` (seconds) bounds the whole call, including a server that drips its answer a byte at a
-    time; httpx's per-phase timeouts tell connect failures (4.4.1) from lost answers (4.4.2).
-    Once the status line has arrived it decides, even if the body then times out.
+    ``budget`` (seconds) bounds the whole call (``request.bounded_request``); once the status
+    line has arrived it decides, even if the body then times out.
     """
-    progress = RequestProgress()
     sent = httpx.Headers(headers)
     sent["Content-Type"] = "application/json"
     sent.setdefault("Accept", "application/json")
-    status: int | None = None
-    response_headers = httpx.Headers()
-    data = b""
-    try:
-        with map_http_errors(progress):
-            async with asyncio.timeout(budget):
-                async with client.stream(
-                    "POST",
-                    url,
-                    content=body,
-                    headers=sent,
-                    timeout=phase_timeouts(budget),
-                    extensions={"trace": progress.trace},
-                ) as response:
-                    status, response_headers = response.status_code, response.headers
-                    data = await read_limited(response)
-    except OutcomeUnknown:
-        if status is None:
-            raise
-    return ApiAnswer(status, response_headers, data)
+    return await bounded_request(client, "POST", url, budget=budget, content=body, headers=sent)
+
+
+async def send_json(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: Any,
+    *,
+    headers: Mapping[str, str],
+    budget: float,
+    max_bytes: int,
+    provider: str,
+    classify: Callable[[ApiAnswer, tuple[str, ...]], DeliveryError],
+    secrets: tuple[str, ...] = (),
+) -> ApiAnswer:
+    """Encode, size-check and POST ``payload``; a non-2xx answer is raised as ``classify``
+    maps it (``secrets`` redacted from its text), payload bugs logged first."""
+    body = encode_json(payload)
+    ensure_fits(body, max_bytes, provider)
+    answer = await post_json(client, url, body, headers=headers, budget=budget)
+    if not answer.ok:
+        error = classify(answer, secrets)
+        report_payload_bug(provider, error)
+        raise error
+    return answer

@@ -8,7 +8,6 @@ metadata. HTTP Basic ``api:<key>``; EU domains through ``base_url``.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 from urllib.parse import quote
@@ -19,9 +18,7 @@ import structlog
 from smtp2api import config, replies
 from smtp2api.errors import (
     DeliveryError,
-    OutcomeUnknown,
     PayloadBug,
-    PermanentDeliveryError,
     ProviderConfigError,
     ProviderRejected,
     RateLimited,
@@ -30,17 +27,14 @@ from smtp2api.errors import (
 from smtp2api.models import Envelope, Message, SendResult
 from smtp2api.providers.base import (
     MAX_RETRY_AFTER,
-    RequestProgress,
-    annotate,
-    classify_status,
+    Rule,
     error_text,
-    find_request_id,
-    map_http_errors,
+    named_error,
     parse_json,
-    read_limited,
     retry_after_seconds,
 )
-from smtp2api.replies import SMTPReply, sanitize_text
+from smtp2api.providers.request import bounded_request
+from smtp2api.replies import sanitize_text
 
 log = structlog.get_logger("smtp2api.providers.mailgun")
 
@@ -103,7 +97,7 @@ def options(message: Message) -> list[tuple[str, str]]:
     return fields
 
 
-def _bad_request(reason: str) -> tuple[type[DeliveryError], SMTPReply]:
+def _bad_request(reason: str) -> Rule:
     if _NAMES_TO.search(reason):
         return (ProviderRejected, _R553_TO)
     if _OUR_FIELDS.search(reason):
@@ -138,10 +132,6 @@ class MailgunProvider:
         # The domain is a path segment: quote it, so a stray "/" or "?" cannot reshape the URL.
         self.url = f"{base}/v3/{quote(settings.domain, safe='')}/messages.mime"
         self._timeout = settings.timeout
-        # As http.py: pool wait and connect end by httpx's own timeouts (4.4.1 vs 4.4.2).
-        self._phases = httpx.Timeout(
-            settings.timeout, connect=settings.timeout * 0.4, pool=settings.timeout * 0.4
-        )
         key = settings.api_key.get_secret_value()
         self._auth = httpx.BasicAuth("api", key)
         self._secrets = (key,)
@@ -158,54 +148,35 @@ class MailgunProvider:
 
     async def send(self, message: Message, envelope: Envelope) -> SendResult:
         data, files = self.form(message, envelope)
-        status, headers, body = await self._post(data, files)
-        if 200 <= status < 300:
-            answer = parse_json(body)
-            found = answer.get("id") if isinstance(answer, dict) else None
+        fields: dict[str, list[str]] = {}
+        for key, value in data:  # httpx repeats a field given as a list
+            fields.setdefault(key, []).append(value)
+        answer = await bounded_request(
+            self._client,
+            "POST",
+            self.url,
+            budget=self._timeout,
+            data=fields,
+            files=files,
+            auth=self._auth,
+            headers={"Accept": "application/json"},
+        )
+        if answer.ok:
+            parsed = parse_json(answer.body)
+            found = parsed.get("id") if isinstance(parsed, dict) else None
             # Mailgun's id is the Message-ID in angle brackets; its events API drops them.
             text = sanitize_text(found.strip().strip("<>"), 200) if isinstance(found, str) else ""
             return SendResult(provider=self.name, provider_id=text or None)
-        error = self._error(status, headers, body)
+        error = self._error(answer.status, answer.headers, answer.body)
         if isinstance(error, PayloadBug):  # our request was wrong: a bug to fix, not mail
             log.error(
                 "provider_refused_request",
                 provider=self.name,
-                status=status,
+                status=answer.status,
                 request_id=error.request_id,
                 detail=error.detail,
             )
         raise error
-
-    async def _post(
-        self, data: list[tuple[str, str]], files: Any
-    ) -> tuple[int, httpx.Headers, bytes]:
-        """One bounded POST: (status, headers, at most 64 KB of body)."""
-        progress = RequestProgress()
-        status: int | None = None
-        response_headers = httpx.Headers()
-        body = b""
-        fields: dict[str, list[str]] = {}
-        for key, value in data:  # httpx repeats a field given as a list
-            fields.setdefault(key, []).append(value)
-        try:
-            with map_http_errors(progress):
-                async with asyncio.timeout(self._timeout):
-                    async with self._client.stream(
-                        "POST",
-                        self.url,
-                        data=fields,
-                        files=files,
-                        auth=self._auth,
-                        headers={"Accept": "application/json"},
-                        timeout=self._phases,
-                        extensions={"trace": progress.trace},
-                    ) as response:
-                        status, response_headers = response.status_code, response.headers
-                        body = await read_limited(response)
-        except OutcomeUnknown:
-            if status is None:
-                raise
-        return status, response_headers, body
 
     def _error(self, status: int, headers: httpx.Headers, body: bytes) -> DeliveryError:
         data = parse_json(body)
@@ -214,24 +185,13 @@ class MailgunProvider:
         if not reason and isinstance(data, str):
             reason = sanitize_text(data, 120)
         rule = self._rule(status, reason)
-        if rule is None:
-            return classify_status(status, headers=headers, reason=reason)
-        cls, reply = rule
-        request_id = find_request_id(headers)
-        shown = reason if issubclass(cls, PermanentDeliveryError) else ""
-        parts = (f"HTTP {status}", reason and f"reason={reason!r}")
-        error = cls(
-            "; ".join(p for p in parts if p),
-            reply=annotate(reply, shown, None, request_id),
-            request_id=request_id,
-            status=status,
-        )
-        if isinstance(error, TransientDeliveryError):
-            error.retry_after = _retry_after(headers, reason)
+        error = named_error(rule, status, headers=headers, reason=reason)
+        if rule is not None and isinstance(error, TransientDeliveryError):
+            error.retry_after = _retry_after(headers, reason)  # the generic rows: headers only
         return error
 
     @staticmethod
-    def _rule(status: int, reason: str) -> tuple[type[DeliveryError], SMTPReply] | None:
+    def _rule(status: int, reason: str) -> Rule | None:
         """Mailgun's answers by status and text (docs/providers/mailgun.md); None: generic."""
         if status == 400:
             return _bad_request(reason)

@@ -24,24 +24,23 @@ from smtp2api.errors import (
 )
 from smtp2api.models import Address, Attachment, Envelope, Message, SendResult
 from smtp2api.providers.base import (
-    classify_status,
+    Rule,
+    answer_id,
     error_text,
     for_envelope,
-    make_error,
+    named_error,
     parse_json,
 )
 from smtp2api.providers.http import names_recipient_field
 from smtp2api.providers.jsonapi import (
-    ApiAnswer,
-    encode_json,
-    ensure_fits,
     header_value,
     json_mime_limit,
-    post_json,
     report_payload_bug,
+    send_json,
     sender_address,
 )
-from smtp2api.replies import SMTPReply, sanitize_text
+from smtp2api.providers.request import ApiAnswer
+from smtp2api.replies import SMTPReply
 
 API_URL = "https://api.postmarkapp.com"
 EMAIL_PATH = "/email"
@@ -60,7 +59,7 @@ _R550_INACTIVE = replies.R550_RECIPIENT_REJECTED.with_text("Recipient suppressed
 _R550_ATTACHMENT = replies.R550_POLICY.with_text("Attachment type refused upstream")
 _SENDER_IN_TEXT = re.compile(r"""['"`]from['"`]""", re.IGNORECASE)
 
-_Rule = tuple[type[DeliveryError], SMTPReply]
+_Rule = Rule
 # Postmark's ErrorCode table (postmarkapp.com/developer/api/overview#error-codes).
 _CODES: dict[int, _Rule] = {
     10: (ProviderConfigError, replies.R451_PROVIDER_CONFIG),  # bad or missing server token
@@ -203,18 +202,10 @@ def classify(answer: ApiAnswer, secrets: tuple[str, ...] = ()) -> DeliveryError:
         rule = _invalid_request(reason)
     elif code is not None:
         rule = _CODES.get(code)
-    if rule is None:
-        status = 422 if answer.ok else answer.status
-        return classify_status(
-            status, headers=answer.headers, provider_code=provider_code, reason=reason
-        )
-    return make_error(
-        rule[0],
-        rule[1],
-        status=answer.status,
-        headers=answer.headers,
-        provider_code=provider_code,
-        reason=reason,
+    # A 200 with an unknown ErrorCode counts as the 422 it stands for.
+    status = 422 if answer.ok and rule is None else answer.status
+    return named_error(
+        rule, status, headers=answer.headers, provider_code=provider_code, reason=reason
     )
 
 
@@ -242,19 +233,23 @@ class PostmarkProvider:
 
     async def send(self, message: Message, envelope: Envelope) -> SendResult:
         path, payload = build_request(message, envelope, self._stream)
-        body = encode_json(payload)
-        ensure_fits(body, MAX_REQUEST_BYTES, self.name)
-        answer = await post_json(
-            self._client, self._base + path, body, headers=self._headers, budget=self._timeout
+        answer = await send_json(
+            self._client,
+            self._base + path,
+            payload,
+            headers=self._headers,
+            budget=self._timeout,
+            max_bytes=MAX_REQUEST_BYTES,
+            provider=self.name,
+            classify=classify,
+            secrets=self._secrets,
         )
         data = parse_json(answer.body)
-        if answer.ok and not _error_code(data):
-            message_id = data.get("MessageID") if isinstance(data, dict) else None
-            provider_id = sanitize_text(message_id, 200) if isinstance(message_id, str) else ""
-            return SendResult(provider=self.name, provider_id=provider_id or None)
-        error = classify(answer, self._secrets)
-        report_payload_bug(self.name, error)
-        raise error
+        if _error_code(data):  # a 2xx can still carry an ErrorCode (see ``classify``)
+            error = classify(answer, self._secrets)
+            report_payload_bug(self.name, error)
+            raise error
+        return SendResult(provider=self.name, provider_id=answer_id(data, "MessageID"))
 
     async def aclose(self) -> None:
         """Nothing to release: the HTTP client is shared and closed by ``app.py``."""

@@ -27,23 +27,16 @@ from smtp2api.errors import (
 )
 from smtp2api.models import Address, Attachment, Envelope, Message, SendResult
 from smtp2api.providers.base import (
-    classify_status,
+    Rule,
+    answer_id,
     error_text,
     for_envelope,
-    make_error,
+    named_error,
     parse_json,
 )
 from smtp2api.providers.http import names_recipient_field
-from smtp2api.providers.jsonapi import (
-    ApiAnswer,
-    encode_json,
-    ensure_fits,
-    header_value,
-    json_mime_limit,
-    post_json,
-    report_payload_bug,
-    sender_address,
-)
+from smtp2api.providers.jsonapi import header_value, json_mime_limit, send_json, sender_address
+from smtp2api.providers.request import ApiAnswer
 from smtp2api.replies import SMTPReply, sanitize_text
 
 API_URL = "https://api.resend.com"
@@ -65,7 +58,7 @@ _R554_REJECTED = replies.R554_BAD_MESSAGE.with_text("Message rejected upstream")
 _R550_ATTACHMENT = replies.R550_POLICY.with_text("Attachment refused upstream")
 _R451_IN_FLIGHT = replies.R451_TRY_LATER.with_text("Upstream still processing, try again later")
 
-_Rule = tuple[type[DeliveryError], SMTPReply]
+_Rule = Rule
 _CONFIG: _Rule = (ProviderConfigError, replies.R451_PROVIDER_CONFIG)
 _PAYLOAD: _Rule = (PayloadBug, replies.R451_INTERNAL)
 _NAMES: dict[str, _Rule] = {
@@ -225,17 +218,8 @@ def classify(answer: ApiAnswer, secrets: tuple[str, ...] = ()) -> DeliveryError:
     elif name is not None:
         rule = _NAMES.get(name)
     code = sanitize_text(name, 40) if name else None
-    if rule is None:
-        return classify_status(
-            answer.status, headers=answer.headers, provider_code=code, reason=reason
-        )
-    return make_error(
-        rule[0],
-        rule[1],
-        status=answer.status,
-        headers=answer.headers,
-        provider_code=code,
-        reason=reason,
+    return named_error(
+        rule, answer.status, headers=answer.headers, provider_code=code, reason=reason
     )
 
 
@@ -265,21 +249,21 @@ class ResendProvider:
         # Encoded one at a time, so split calls hold one body in memory, not one per recipient.
         # They differ only in `to`, so the first size check speaks for them all.
         for key, payload in build_requests(message, envelope):
-            body = encode_json(payload)
-            ensure_fits(body, MAX_REQUEST_BYTES, self.name)
-            # The same key on every attempt: Resend answers a repeat from its 24 h record.
-            headers = {"Authorization": self._auth, "Idempotency-Key": key}
-            answer = await post_json(
-                self._client, self._url, body, headers=headers, budget=self._timeout
+            answer = await send_json(
+                self._client,
+                self._url,
+                payload,
+                # The same key on every attempt: Resend answers a repeat from its 24 h record.
+                headers={"Authorization": self._auth, "Idempotency-Key": key},
+                budget=self._timeout,
+                max_bytes=MAX_REQUEST_BYTES,
+                provider=self.name,
+                classify=classify,
+                secrets=self._secrets,
             )
-            if not answer.ok:
-                error = classify(answer, self._secrets)
-                report_payload_bug(self.name, error)
-                raise error
-            data = parse_json(answer.body)
-            email_id = data.get("id") if isinstance(data, dict) else None
-            if isinstance(email_id, str) and sanitize_text(email_id, 200):
-                ids.append(sanitize_text(email_id, 200))
+            email_id = answer_id(parse_json(answer.body), "id")
+            if email_id:
+                ids.append(email_id)
         return SendResult(provider=self.name, provider_id=",".join(ids) or None)
 
     async def aclose(self) -> None:

@@ -18,22 +18,15 @@ from smtp2api import config, replies
 from smtp2api.errors import DeliveryError, PayloadBug, ProviderConfigError, ProviderRejected
 from smtp2api.models import Address, Attachment, Envelope, Message, SendResult
 from smtp2api.providers.base import (
+    Rule,
     classify_status,
     error_text,
     for_envelope,
     make_error,
     parse_json,
 )
-from smtp2api.providers.jsonapi import (
-    ApiAnswer,
-    encode_json,
-    ensure_fits,
-    header_value,
-    json_mime_limit,
-    post_json,
-    report_payload_bug,
-    sender_address,
-)
+from smtp2api.providers.jsonapi import header_value, json_mime_limit, send_json, sender_address
+from smtp2api.providers.request import ApiAnswer
 from smtp2api.replies import SMTPReply, sanitize_text
 
 log = structlog.get_logger("smtp2api.providers.sendgrid")
@@ -241,7 +234,7 @@ def _blame(field: str) -> str:
 
 
 _BLAME_ORDER = ("recipient", "sender", "payload", "message")
-_BLAME_RULES: dict[str, tuple[type[DeliveryError], SMTPReply]] = {
+_BLAME_RULES: dict[str, Rule] = {
     "recipient": (ProviderRejected, _R553_RECIPIENT),
     "sender": (ProviderRejected, _R553_SENDER),
     "payload": (PayloadBug, replies.R451_INTERNAL),
@@ -326,18 +319,20 @@ class SendgridProvider:
         return f"SendgridProvider(name={self.name!r}, url={self._url!r})"
 
     async def send(self, message: Message, envelope: Envelope) -> SendResult:
-        body = encode_json(build_request(message, envelope))
-        ensure_fits(body, MAX_REQUEST_BYTES, self.name)
-        answer = await post_json(
-            self._client, self._url, body, headers=self._headers, budget=self._timeout
+        answer = await send_json(
+            self._client,
+            self._url,
+            build_request(message, envelope),
+            headers=self._headers,
+            budget=self._timeout,
+            max_bytes=MAX_REQUEST_BYTES,
+            provider=self.name,
+            classify=classify,
+            secrets=self._secrets,
         )
-        if answer.ok:
-            message_id = answer.headers.get("x-message-id")
-            provider_id = sanitize_text(message_id, 200) if message_id else ""
-            return SendResult(provider=self.name, provider_id=provider_id or None)
-        error = classify(answer, self._secrets)
-        report_payload_bug(self.name, error)
-        raise error
+        message_id = answer.headers.get("x-message-id")
+        provider_id = sanitize_text(message_id, 200) if message_id else ""
+        return SendResult(provider=self.name, provider_id=provider_id or None)
 
     async def aclose(self) -> None:
         """Nothing to release: the HTTP client is shared and closed by ``app.py``."""

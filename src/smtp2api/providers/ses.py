@@ -21,22 +21,11 @@ import structlog
 from pydantic import TypeAdapter, ValidationError
 
 from smtp2api import config, replies
-from smtp2api.errors import (
-    ConfigError,
-    OutcomeUnknown,
-    PayloadBug,
-    ProviderConfigError,
-    ProviderRejected,
-)
+from smtp2api.errors import ConfigError, PayloadBug, ProviderConfigError, ProviderRejected
 from smtp2api.models import Envelope, Message, SendResult
-from smtp2api.providers.base import (
-    RequestProgress,
-    map_http_errors,
-    parse_json,
-    read_limited,
-)
+from smtp2api.providers.base import answer_id, parse_json
+from smtp2api.providers.request import bounded_request
 from smtp2api.providers.ses_errors import classify
-from smtp2api.replies import sanitize_text
 
 if TYPE_CHECKING:
     from botocore.credentials import Credentials, ReadOnlyCredentials
@@ -257,11 +246,6 @@ class SesProvider:
         self._configuration_set = settings.configuration_set
         self._from_arn = settings.from_arn
         self._timeout = settings.timeout
-        # As http.py: pool wait and connect end by httpx's own timeouts, so "never sent"
-        # (451 4.4.1) is told apart from "maybe delivered" (451 4.4.2).
-        self._phases = httpx.Timeout(
-            settings.timeout, connect=settings.timeout * 0.4, pool=settings.timeout * 0.4
-        )
         static = None
         secrets: list[str] = []
         if settings.access_key_id is not None and settings.secret_access_key is not None:
@@ -322,47 +306,24 @@ class SesProvider:
             body, headers = await asyncio.to_thread(self._signed, request, creds)
         else:
             body, headers = self._signed(request, creds)
-        status, response_headers, answer = await self._post(body, headers)
-        if 200 <= status < 300:  # SendEmail answers 200
-            data = parse_json(answer)
-            found = data.get("MessageId") if isinstance(data, dict) else None
-            provider_id = sanitize_text(found, 200) if isinstance(found, str) else None
-            return SendResult(provider=self.name, provider_id=provider_id or None)
-        error = classify(status, response_headers, answer, self._secrets)
+        answer = await bounded_request(
+            self._client, "POST", self.url, budget=self._timeout, content=body, headers=headers
+        )
+        if answer.ok:  # SendEmail answers 200
+            return SendResult(
+                provider=self.name, provider_id=answer_id(parse_json(answer.body), "MessageId")
+            )
+        error = classify(answer.status, answer.headers, answer.body, self._secrets)
         if isinstance(error, PayloadBug):  # our request was wrong: a bug to fix, not mail
             log.error(
                 "provider_refused_request",
                 provider=self.name,
-                status=status,
+                status=answer.status,
                 code=error.provider_code,
                 request_id=error.request_id,
                 detail=error.detail,
             )
         raise error
-
-    async def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, httpx.Headers, bytes]:
-        """One bounded POST: (status, headers, at most 64 KB of body)."""
-        progress = RequestProgress()
-        status: int | None = None
-        response_headers = httpx.Headers()
-        answer = b""
-        try:
-            with map_http_errors(progress):
-                async with asyncio.timeout(self._timeout):
-                    async with self._client.stream(
-                        "POST",
-                        self.url,
-                        content=body,
-                        headers=headers,
-                        timeout=self._phases,
-                        extensions={"trace": progress.trace},
-                    ) as response:
-                        status, response_headers = response.status_code, response.headers
-                        answer = await read_limited(response)
-        except OutcomeUnknown:
-            if status is None:
-                raise
-        return status, response_headers, answer
 
     async def aclose(self) -> None:
         """Nothing to release: the HTTP client is shared and closed by ``app.py``."""

@@ -15,21 +15,18 @@ from smtp2api.errors import (
     AccountPaused,
     DeliveryError,
     PayloadBug,
-    PermanentDeliveryError,
     ProviderConfigError,
     ProviderRejected,
     ProviderUnavailable,
     QuotaExhausted,
     RateLimited,
-    TransientDeliveryError,
 )
 from smtp2api.providers.base import (
-    annotate,
     classify_status,
     find_request_id,
+    make_error,
     parse_json,
     redact,
-    retry_after_seconds,
 )
 from smtp2api.replies import SMTPReply, sanitize_text
 
@@ -185,19 +182,17 @@ def classify(
             request_id=request_id,
             reason=reason,
         )
-    cls, reply = rule
     # The sender must act on a permanent answer, so it shows SES's reason; a transient one is
-    # the operator's business: the reason goes to the logs only.
-    shown = reason if issubclass(cls, PermanentDeliveryError) else ""
-    parts = (f"HTTP {status}", name and f"type={name}", reason and f"reason={reason!r}")
-    error = cls(
-        "; ".join(p for p in parts if p),
-        reply=annotate(reply, shown, name or None, request_id),
+    # the operator's business: the reason goes to the logs only (``make_error``).
+    error = make_error(
+        *rule,
+        status=status,
+        headers=headers,
+        detail=name and f"type={name}",
         provider_code=name or None,
         request_id=request_id,
-        status=status,
+        reason=reason,
     )
-    if isinstance(error, TransientDeliveryError):
-        hinted = retry_after_seconds(headers)
-        error.retry_after = QUOTA_RETRY_AFTER if cls is QuotaExhausted else hinted
+    if isinstance(error, QuotaExhausted):  # SES sends no Retry-After for its quota
+        error.retry_after = QUOTA_RETRY_AFTER
     return error
