@@ -203,8 +203,6 @@ def gateway(config: GatewayConfig, sink: Sink) -> Iterator[Server]:
     # The gateway's own CLI; --no-uvloop hides uvloop from it to measure that lever alone.
     hide = "" if config.uvloop else "sys.modules['uvloop'] = None; "
     hide += "" if config.aiohttp else "sys.modules['aiohttp'] = None; "
-    if os.environ.get("BENCH_SWITCH"):  # experiments with the GIL switch interval
-        hide += f"sys.setswitchinterval({float(os.environ['BENCH_SWITCH'])}); "
     code = f"import sys; {hide}from smtp2api.cli import main; sys.exit(main(sys.argv[1:]))"
     log = (workdir / "gateway.log").open("wb")
     proc = subprocess.Popen(
