@@ -8,6 +8,7 @@ own: message bodies are never logged, and subjects only at debug (``log.debug(..
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -64,8 +65,12 @@ def escape_control(text: str) -> str:
 
 
 def _is_secret_key(key: object) -> bool:
-    if not isinstance(key, str):
-        return False
+    return isinstance(key, str) and _is_secret_name(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret_name(key: str) -> bool:
+    # Cached: log keys are a small fixed vocabulary, checked on every event (hot path).
     norm = key.lower().replace("-", "_")
     return any(part in norm for part in SECRET_KEY_PARTS)
 
