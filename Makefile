@@ -12,6 +12,8 @@ SYSTEM_PACKAGES += swaks libnet-ssleay-perl msmtp php-cli libphp-phpmailer postf
 SYSTEM_PACKAGES += systemd prometheus
 # The PostgreSQL spool's tests start their own throwaway cluster (tests/support/pg.py).
 SYSTEM_PACKAGES += postgresql
+# A TCP load balancer sending PROXY v1/v2 in front of the gateway (tests/integration/test_proxy_protocol.py).
+SYSTEM_PACKAGES += haproxy
 
 .PHONY: install install-test system-deps run lint format typecheck test ci bench clean
 

@@ -34,6 +34,7 @@ from smtp2api.policy import Policy
 from smtp2api.providers.base import Provider
 from smtp2api.providers.registry import build_provider
 from smtp2api.providers.upstream import guard_client
+from smtp2api.proxy import ProxyGate
 from smtp2api.replies import SMTPReply
 from smtp2api.routing import Router
 from smtp2api.smtp import ConnectionTracker, FrontConfig, GatewaySMTP, Handler, ListenerKind
@@ -220,6 +221,11 @@ class Gateway:
                 min_data_rate=smtp.min_data_rate,
                 data_rate_grace=smtp.data_rate_grace,
                 junk_command_limit=smtp.junk_command_limit,
+            ),
+            proxy=(
+                ProxyGate.build(smtp.proxy_trusted_networks, smtp.idle_timeout)
+                if smtp.proxy_protocol
+                else None
             ),
         )
 

@@ -153,6 +153,12 @@ class SMTPSettings(_Section):
             raise ValueError("tls_listen needs tls_cert_file and tls_key_file")
         if not (self.listen or self.tls_listen or self.plain_listen):
             raise ValueError("at least one of listen, tls_listen, plain_listen is required")
+        if self.proxy_protocol and not self.proxy_trusted_networks:
+            raise ValueError("proxy_protocol needs proxy_trusted_networks (the load balancers)")
+        if self.proxy_protocol and self.tls_listen:
+            # The header precedes the TLS handshake (docs/scaling.md): terminate nothing at
+            # the balancer and use listen (STARTTLS) behind it, or TLS on the balancer.
+            raise ValueError("tls_listen cannot be used with proxy_protocol; use listen")
         return self
 
 
