@@ -223,7 +223,22 @@ class GatewaySMTP(GuardedSMTP):
     def _proxy_context(self) -> dict[str, str]:
         return {} if self.proxy_ip is None else {"proxy": self.proxy_ip}
 
-    async def push(self, status: str | bytes) -> None:
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, asyncio.IncompleteReadError):
+            # The client hung up without QUIT. asyncio's loop reports that EOF by cancelling
+            # the session (eof_received); uvloop's lets the read fail first. End it the same way.
+            log.debug("session_closed_by_client")
+            if self.transport is not None:
+                self.transport.close()
+            raise asyncio.CancelledError
+        result: str = await super().handle_exception(error)
+        return result
+
+    async def push(self, status: str | bytes | None) -> None:
+        if status is None:
+            # aiosmtpd's exception path pushes in a ``finally`` even when handle_exception
+            # ended the session (above): there is nobody left to answer.
+            return
         if isinstance(status, str):
             if status.startswith(_UNKNOWN_COMMAND):
                 status = "500 5.5.2 Command not recognized"
