@@ -14,9 +14,7 @@ RCPTS = ("first@example.com", "second@example.org", "hidden@example.net")
 
 
 def corpus_files() -> list[Path]:
-    return sorted(
-        p for p in MIME_CORPUS.glob("*/*") if p.is_file() and p.parent.name != "licenses"
-    )
+    return sorted(p for p in MIME_CORPUS.glob("*/*") if p.is_file() and p.parent.name != "licenses")
 
 
 def send_all(port: int, files: list[Path]) -> list[tuple[Path, int, str]]:

@@ -8,7 +8,6 @@ per-IP limits, AUTH throttling, Received headers and logs must all see the origi
 
 from __future__ import annotations
 
-
 import asyncio
 import base64
 import contextlib
