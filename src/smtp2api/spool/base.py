@@ -124,6 +124,26 @@ class SpoolSummary:
     last_error: str | None
     done_recipients: tuple[str, ...]
 
+    def with_body(self, raw: bytes, *, smtputf8: bool) -> SpoolEntry:
+        """The whole entry: this summary plus the body (and flag) a listing leaves out."""
+        return SpoolEntry(
+            id=self.id,
+            raw=raw,
+            mail_from=self.mail_from,
+            rcpt_tos=self.rcpt_tos,
+            account=self.account,
+            peer=self.peer,
+            providers=self.providers,
+            created_at=self.created_at,
+            next_attempt_at=self.next_attempt_at,
+            attempts=self.attempts,
+            state=self.state,
+            last_reply=self.last_reply,
+            last_error=self.last_error,
+            done_recipients=self.done_recipients,
+            smtputf8=smtputf8,
+        )
+
 
 @runtime_checkable
 class Spool(Protocol):

@@ -269,23 +269,7 @@ def decode_summary(row: Sequence[Any]) -> SpoolSummary:
 def decode_entry(row: Sequence[Any]) -> SpoolEntry:
     """An ``ENTRY_COLUMNS`` row."""
     s = decode_summary(row)
-    return SpoolEntry(
-        id=s.id,
-        raw=bytes(row[15]),
-        mail_from=s.mail_from,
-        rcpt_tos=s.rcpt_tos,
-        account=s.account,
-        peer=s.peer,
-        providers=s.providers,
-        created_at=s.created_at,
-        next_attempt_at=s.next_attempt_at,
-        attempts=s.attempts,
-        state=s.state,
-        last_reply=s.last_reply,
-        last_error=s.last_error,
-        done_recipients=s.done_recipients,
-        smtputf8=bool(row[14]),
-    )
+    return s.with_body(bytes(row[15]), smtputf8=bool(row[14]))
 
 
 def _state(value: object) -> State:

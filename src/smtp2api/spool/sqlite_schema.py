@@ -179,23 +179,7 @@ def decode_entry(row: Sequence[Any]) -> SpoolEntry:
         raise CorruptRow(s.id, "raw: not a blob")
     if len(raw) != s.size:
         raise CorruptRow(s.id, "raw: length does not match size")
-    return SpoolEntry(
-        id=s.id,
-        raw=raw,
-        mail_from=s.mail_from,
-        rcpt_tos=s.rcpt_tos,
-        account=s.account,
-        peer=s.peer,
-        providers=s.providers,
-        created_at=s.created_at,
-        next_attempt_at=s.next_attempt_at,
-        attempts=s.attempts,
-        state=s.state,
-        last_reply=s.last_reply,
-        last_error=s.last_error,
-        done_recipients=s.done_recipients,
-        smtputf8=bool(_integer(s.id, "smtputf8", row[15])),
-    )
+    return s.with_body(raw, smtputf8=bool(_integer(s.id, "smtputf8", row[15])))
 
 
 def decode_list(msg_id: str, column: str, value: object) -> tuple[str, ...]:
