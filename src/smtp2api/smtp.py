@@ -72,12 +72,15 @@ class ConnectionTracker:
         self.total = 0
         self._per_ip: collections.Counter[str] = collections.Counter()
 
-    def try_open(self, ip: str) -> bool:
-        if self.total >= self.max_total or self._per_ip[ip] >= self.max_per_ip:
-            return False
+    def try_open(self, ip: str) -> str | None:
+        """Count a new connection from ``ip``; else the refusal's metric label."""
+        if self.total >= self.max_total:
+            return "rejected_limit"
+        if self._per_ip[ip] >= self.max_per_ip:
+            return "rejected_ip_limit"
         self.total += 1
         self._per_ip[ip] += 1
-        return True
+        return None
 
     def close(self, ip: str) -> None:
         self.total -= 1
@@ -160,12 +163,13 @@ class GatewaySMTP(GuardedSMTP):
         """Trust, connection limits and TLS rules for ``peer_ip``, the real client."""
         handler: Handler = self.event_handler
         self.trusted = handler.policy.is_trusted(self.peer_ip)
-        if self.tracker.try_open(self.peer_ip):
+        refusal = self.tracker.try_open(self.peer_ip)
+        if refusal is None:
             self._admitted = True
             handler.on_connection_result("accepted")
         else:
             self._refused = True
-            handler.on_connection_result("rejected_limit")
+            handler.on_connection_result(refusal)
         tls_required = self.front.require_tls and not self.trusted
         if self.front.kind == "starttls":
             self.require_starttls = bool(self.tls_context) and tls_required

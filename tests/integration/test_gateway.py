@@ -358,6 +358,8 @@ async def test_connection_limits(start_gateway: GatewayFactory) -> None:
     banner1, banner2 = await in_thread(two)
     assert banner1.startswith("220")
     assert banner2.startswith("421 4.7.0")
+    body, _ = gw.metrics.render()
+    assert b'smtp2api_smtp_connections_total{result="rejected_ip_limit"} 1.0' in body
 
 
 async def test_idle_timeout_closes_with_421(start_gateway: GatewayFactory) -> None:
