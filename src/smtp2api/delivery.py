@@ -73,6 +73,11 @@ class Deliverer:
         """The largest message some provider of the route can take."""
         return max(self.providers[name].max_message_size for name in route)
 
+    def raw_mime_only(self, route: Sequence[str]) -> bool:
+        """True when every provider of the route takes the raw MIME: the message then needs
+        only its header-derived fields (sender, recipients, tags), not bodies or attachments."""
+        return all(name in self.providers and self.providers[name].raw_mime for name in route)
+
     async def deliver(
         self,
         message: Message,

@@ -101,14 +101,12 @@ class Intake:
         if route is None:  # checked at MAIL already; a reload may have changed the routes
             return self._done("rejected", raw, replies.R553_SENDER_NOT_ALLOWED)
         try:
-            # Parse only what the route's providers need: raw-MIME APIs read header-derived
-            # fields only (sender, recipients, tags), never the bodies or attachments.
-            raw_only = all(
-                getattr(self._deliverer.providers.get(name), "raw_mime", False)
-                for name in route.providers
-            )
             message = await parse(
-                raw, envelope, msg_id, self.config.mime_limits, headers_only=raw_only
+                raw,
+                envelope,
+                msg_id,
+                self.config.mime_limits,
+                headers_only=self._deliverer.raw_mime_only(route.providers),
             )
         except MessageError as exc:
             log.info("message_rejected", reason=str(exc), size=len(raw))

@@ -245,7 +245,13 @@ class Worker:
                     "no configured provider for this message's route",
                     reply=replies.R451_PROVIDER_CONFIG,
                 )
-            message = await parse(entry.raw, entry.envelope, entry.id, self.config.mime_limits)
+            message = await parse(
+                entry.raw,
+                entry.envelope,
+                entry.id,
+                self.config.mime_limits,
+                headers_only=self._deliverer.raw_mime_only(route),
+            )
             result = await self._deliverer.deliver(
                 message,
                 entry.envelope,
