@@ -115,6 +115,7 @@ class Gateway:
         self._retired: list[Provider] = []  # replaced by a reload, closed at shutdown
         self._old_handlers: list[Handler] = []  # of sessions opened before a reload
         self._old_workers: set[Worker] = set()  # replaced by a reload, finishing their sends
+        self._intake_pending: set[asyncio.Future[object]] = set()  # spool writes after replies
 
     # building -----------------------------------------------------------------------------
     def _build(self, settings: Settings) -> tuple[Handler, Worker, dict[str, Provider]]:
@@ -174,6 +175,7 @@ class Gateway:
             spool=self.spool,
             wake_worker=worker.wake,
             on_result=self.metrics.observe_message,
+            pending=self._intake_pending,
         )
 
         def route_size_limit(account: str | None, mail_from: str) -> int | None:
@@ -367,6 +369,8 @@ class Gateway:
         for server in self._servers:
             server.close()
         await drain(self._handlers, self._activity, self.settings.delivery.shutdown_timeout)
+        if self._intake_pending:  # spool writes that outlived their replies: let them commit
+            await asyncio.wait(set(self._intake_pending), timeout=self.settings.spool.timeout)
         for worker in [*self._old_workers, self.worker]:
             if worker is not None:
                 await worker.stop()

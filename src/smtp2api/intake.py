@@ -8,8 +8,9 @@ once the message is durable; ``hybrid`` makes it durable, then gives the provide
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,7 +20,6 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_before_delay,
-    wait_exponential_jitter,
 )
 
 from smtp2api import replies
@@ -43,6 +43,9 @@ log = structlog.get_logger("smtp2api.intake")
 Mode = Literal["queue", "hybrid", "sync"]
 # Parsing a large message takes long enough to stall other sessions: do it in a thread.
 _THREAD_PARSE_BYTES = 256 * 1024
+# Hybrid races the spool's put against the API call for messages up to this size; a larger
+# one is spooled first, so its spool copy and its request body are not in memory together.
+_RACE_BYTES = 256 * 1024
 # Hybrid: seconds after the sync try's deadline before the worker may claim the entry, so the
 # session can record the outcome (ack, defer, delete) first.
 _RECORD_MARGIN = 1.0
@@ -86,6 +89,7 @@ class Intake:
         wake_worker: Callable[[], None] = lambda: None,
         on_result: Callable[[str, int], None] = lambda result, size: None,
         clock: Callable[[], float] = time.time,
+        pending: set[asyncio.Future[object]] | None = None,
     ) -> None:
         self.config = config
         self._router = router
@@ -94,7 +98,8 @@ class Intake:
         self._wake = wake_worker
         self._on_result = on_result
         self._clock = clock
-        self._acks: set[asyncio.Task[None]] = set()  # removals of delivered entries in flight
+        # Spool writes that outlive their reply (shared across reloads; see ``settle``).
+        self._pending: set[asyncio.Future[object]] = set() if pending is None else pending
 
     async def accept(self, msg_id: str, raw: bytes, envelope: Envelope) -> SMTPReply:
         route = self._router.select(envelope.account, envelope.mail_from)
@@ -154,16 +159,82 @@ class Intake:
             attempts=1 if hybrid else 0,
             id=message.id,
         )
-        try:
-            await self._spool.put(entry)
-        except SpoolError as exc:
-            log.error("spool_failed", error=str(exc))
-            return self._done("error", message.raw, exc.reply)
-        log.info("message_spooled")
+        if hybrid and len(raw) <= _RACE_BYTES:
+            return await self._race(message, envelope, route, entry, deadline)
+        failed = await self._put(entry)
+        if failed is not None:
+            return self._done("error", message.raw, failed.reply)
         if not hybrid:
             self._wake()
             return self._done("queued", message.raw, replies.ok_queued(message.id))
         return await self._hybrid_try(message, envelope, route, deadline)
+
+    async def _put(self, entry: SpoolEntry) -> SpoolError | None:
+        """Spool ``entry``; the error instead of raising it (this also runs as a task)."""
+        assert self._spool is not None
+        try:
+            await self._spool.put(entry)
+        except SpoolError as exc:
+            log.error("spool_failed", error=str(exc))
+            return exc
+        log.info("message_spooled")
+        return None
+
+    async def _race(
+        self,
+        message: Message,
+        envelope: Envelope,
+        route: tuple[str, ...],
+        entry: SpoolEntry,
+        deadline: float,
+    ) -> SMTPReply:
+        """Hybrid for a small message: spool and send at once (docs/architecture.md).
+
+        Design §1 allows 250 once the message is durable *or* the provider has it, so the
+        fsync of the spool need not come before the API call: the reply waits for whichever
+        the outcome needs. Accepted: 250 at once (the entry is removed once its put has
+        committed). Refused or not answered: the reply waits for the put, which decides
+        between "queued" and "nothing kept" (451/452).
+        """
+        put = asyncio.create_task(self._put(entry))
+        try:
+            result = await self._send_within(message, envelope, route, deadline - self._clock())
+        except (PermanentDeliveryError, MessageError) as exc:
+            reply = delivery_reply(exc, self.config.soft_bounce)
+            failed = await put
+            if reply.is_permanent:
+                if failed is None:  # the client owns this failure now: nothing stays queued
+                    await self._forget(message.id)
+                log.info("delivery_failed", reply=str(reply), detail=_detail(exc))
+                return self._done("rejected", message.raw, reply)
+            return await self._queued_if_kept(message, failed, exc)
+        except TransientDeliveryError as exc:
+            return await self._queued_if_kept(message, await put, exc)
+        except BaseException:
+            self._background(put)  # cancelled: the entry may commit and is retried later
+            raise
+        self._background(self._ack_after(put, message.id))
+        _log_delivered(result, envelope, message)
+        return self._done("accepted", message.raw, _accepted_reply(result, message.id))
+
+    async def _queued_if_kept(
+        self, message: Message, failed: SpoolError | None, exc: GatewayErrorLike
+    ) -> SMTPReply:
+        if failed is not None:  # neither the provider nor the spool has it: the client keeps it
+            return self._done("error", message.raw, failed.reply)
+        await self._defer(message.id, exc)
+        return self._done("queued", message.raw, replies.ok_queued(message.id))
+
+    async def _ack_after(self, put: asyncio.Task[SpoolError | None], msg_id: str) -> None:
+        if await put is None:
+            await self._ack(msg_id)
+
+    def _background(self, work: Awaitable[object]) -> None:
+        """Run ``work`` past the reply, in ``pending`` (the gateway's shutdown waits for it
+        before it closes the spool)."""
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _hybrid_try(
         self, message: Message, envelope: Envelope, route: tuple[str, ...], deadline: float
@@ -189,8 +260,7 @@ class Intake:
         # Delivered: the reply need not wait for the entry's removal (one commit less on the
         # reply path; docs/performance.md). Until it commits the entry is out of the worker's
         # reach (next_attempt_at), and if it never does, the worst case is a duplicate later.
-        self._acks.add(task := asyncio.create_task(self._ack(message.id)))
-        task.add_done_callback(self._acks.discard)
+        self._background(self._ack(message.id))
         _log_delivered(result, envelope, message)
         return self._done("accepted", message.raw, _accepted_reply(result, message.id))
 
@@ -225,7 +295,8 @@ class Intake:
         self, message: Message, envelope: Envelope, route: tuple[str, ...], budget: float
     ) -> SendResult:
         """Deliver with short tenacity retries, never past ``budget`` seconds."""
-        deadline = time.monotonic() + budget
+        started = time.monotonic()
+        deadline = started + budget
 
         def worth_retrying(exc: BaseException) -> bool:
             if not isinstance(exc, TransientDeliveryError) or isinstance(exc, ProviderConfigError):
@@ -234,16 +305,25 @@ class Intake:
             return time.monotonic() + wait < deadline
 
         def wait_hint(state: RetryCallState) -> float:
+            # Tenacity's attempt 1 is our second try: the first ran before it (below).
             exc = state.outcome.exception() if state.outcome else None
-            hinted = getattr(exc, "retry_after", None) or 0.0
-            return max(hinted, backoff(state))
+            return _retry_wait(state.attempt_number + 1, exc)
 
-        backoff = wait_exponential_jitter(multiplier=0.2, max=2.0, jitter=0.2)
         try:
             async with asyncio.timeout(budget):
+                try:
+                    # The first try needs none of tenacity's machinery, and most sends end
+                    # with it (a tenacity loop per message costs 2-3 % of the CPU).
+                    return await self._deliverer.deliver(message, envelope, route)
+                except TransientDeliveryError as exc:
+                    if not worth_retrying(exc):
+                        raise
+                    await asyncio.sleep(_retry_wait(1, exc))
+                # Leave the last try time to answer: no try starts after 90 % of the budget.
+                left = budget * 0.9 - (time.monotonic() - started)
                 async for attempt in AsyncRetrying(
                     retry=retry_if_exception(worth_retrying),
-                    stop=stop_before_delay(budget * 0.9),  # leave the last try time to answer
+                    stop=stop_before_delay(max(0.0, left)),
                     wait=wait_hint,
                     reraise=True,
                 ):
@@ -261,6 +341,14 @@ class Intake:
 
 
 GatewayErrorLike = DeliveryError | MessageError
+
+
+def _retry_wait(attempt: int, exc: BaseException | None) -> float:
+    """Seconds before try ``attempt + 1``: 0.2 s doubling to 2 s, plus up to 0.2 s of
+    jitter, and never less than the provider's Retry-After."""
+    hinted = float(getattr(exc, "retry_after", None) or 0.0)
+    backoff = min(0.2 * 2.0 ** min(attempt - 1, 16) + random.uniform(0, 0.2), 2.0)  # noqa: S311
+    return max(hinted, backoff)
 
 
 def _detail(exc: GatewayErrorLike) -> str:

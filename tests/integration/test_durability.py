@@ -371,9 +371,11 @@ async def test_a_permanent_error_is_the_clients_in_hybrid_mode(
     assert len(api.requests) == 1  # no retry of the message's own fault
 
 
-async def test_a_spool_that_cannot_write_never_says_250(
+async def test_a_spool_that_cannot_write_says_250_only_for_what_the_provider_took(
     start_gateway: GatewayFactory, api: FakeAPI
 ) -> None:
+    """Design §1: 250 once the message is durable *or* the provider has it. A large message
+    is spooled before it is sent; a small one is spooled and sent at once (the race)."""
     gw = await start_gateway(providers=http_provider(api), delivery={"mode": "hybrid"})
     spool = cast(SqliteSpool, gw.spool)
     big = simple_message() + (b"x" * 70 + b"\r\n") * 4000  # 288 kB: needs new pages
@@ -385,18 +387,59 @@ async def test_a_spool_that_cannot_write_never_says_250(
     await spool.writer.submit(cap)
     code, text = await in_thread(send, gw.port(), big)
     assert (code, text) == (452, "4.3.1 Insufficient system storage, try again later")
+    assert api.requests == []  # spooled first: nothing was sent on a promise it could not keep
     await spool.writer.submit(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
 
     # Read-only (tests run as root, which ignores file modes: SQLite refuses instead).
     conn = await spool.writer.submit(lambda c: c)  # the writer's own connection
     await spool.writer.submit(lambda c: c.execute("PRAGMA query_only = ON"))
+    # Retry-After past sync_timeout: one try only (more would open the circuit breaker).
+    api.default = Answer(503, json={"message": "maintenance"}, headers={"Retry-After": "3600"})
     code, text = await in_thread(send, gw.port(), simple_message())
+    # Neither the provider nor the spool has it: the client must keep it.
     assert (code, text) == (451, "4.3.0 Cannot store message, try again later")
     ready = await scrape(gw, "/readyz")
     assert (ready.status_code, ready.text) == (503, "spool is not writable\n")
-    assert api.requests == []  # nothing was sent on a promise the spool could not keep
+
+    api.default = Answer(200, json={"id": "taken-1"})
+    before = len(api.requests)
+    code, text = await in_thread(send, gw.port(), simple_message())
+    assert (code, text) == (250, "2.0.0 Ok: taken-1")  # the provider has it: nothing is lost
+    assert len(api.requests) == before + 1
 
     conn.execute("PRAGMA query_only = OFF")  # even BEGIN is refused now: the writer is idle
     assert (await scrape(gw, "/readyz")).status_code == 200
+    assert await gw.spool.counts() == {"queued": 0, "active": 0, "dead": 0}
     assert (await in_thread(send, gw.port(), big))[0] == 250
-    assert len(api.requests) == 1
+    assert len(api.requests) == before + 2
+
+
+async def test_hybrid_replies_before_the_spool_commits_and_shutdown_waits_for_it(
+    start_gateway: GatewayFactory, api: FakeAPI, tmp_path: Path
+) -> None:
+    """A small message is spooled and sent at once: the provider's 250 does not wait for the
+    spool's fsync, and shutdown lets the spool write (put, then its removal) finish."""
+    gw = await start_gateway(providers=http_provider(api), delivery={"mode": "hybrid"})
+    spool = cast(SqliteSpool, gw.spool)
+    committing = threading.Event()
+    release = threading.Event()
+
+    def slow_commit() -> None:  # runs in the writer thread before each COMMIT
+        committing.set()
+        release.wait(10)
+
+    spool.writer.fault_hook = slow_commit
+    code, text = await in_thread(send, gw.port(), simple_message())
+    assert (code, text) == (250, "2.0.0 Ok: fake-1")  # answered while the put is not durable
+    assert committing.is_set() and len(api.requests) == 1
+
+    stopping = asyncio.create_task(gw.shutdown())
+    await asyncio.sleep(0.2)
+    assert not stopping.done()  # the shutdown waits for the put and the removal
+    release.set()
+    await stopping
+    reopened = await SqliteSpool.open(spool.path)
+    try:
+        assert await reopened.counts() == {"queued": 0, "active": 0, "dead": 0}
+    finally:
+        await reopened.aclose()
