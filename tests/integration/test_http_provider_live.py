@@ -18,8 +18,10 @@ from smtp2api.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
-from smtp2api.models import Address, Envelope, Message, SendResult
-from smtp2api.providers.http import HttpApiProvider
+from smtp2api.models import Address, Attachment, Envelope, Message, SendResult
+from smtp2api.providers.http import STREAM_ATTACHMENTS, HttpApiProvider
+from smtp2api.providers.upstream import guard_client
+from smtp2api.transport import new_http_client
 from tests.support.fakeapi import Answer, FakeAPI
 
 API_KEY = "live-test-key-0123456789"
@@ -40,10 +42,16 @@ async def api() -> AsyncIterator[FakeAPI]:
         yield server
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    # As app.py builds it: redirects are never followed (design §8).
-    async with httpx.AsyncClient(follow_redirects=False) as shared:
+@pytest.fixture(params=["httpx", "gateway"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    # Redirects are never followed (design §8). "gateway": the client app.py builds (the
+    # aiohttp transport, the upstream guard), on which bounded_request takes its direct path.
+    if request.param == "httpx":
+        shared = httpx.AsyncClient(follow_redirects=False)
+    else:
+        shared = new_http_client(10)
+        guard_client(shared)
+    async with shared:
         yield shared
 
 
@@ -65,6 +73,28 @@ async def test_success(api: FakeAPI, client: httpx.AsyncClient) -> None:
     assert request.headers["x-smtp2api-id"] == MESSAGE.id
     assert request.headers["content-type"] == "application/json"
     assert request.json == MESSAGE.as_json()
+
+
+async def test_large_attachment_arrives_whole_with_its_length(
+    api: FakeAPI, client: httpx.AsyncClient
+) -> None:
+    data = bytes(range(256)) * (3 * STREAM_ATTACHMENTS // 256)
+    message = Message(
+        id="01J0LIVE00000000000000001",
+        raw=b"",
+        from_=Address("sender@example.com"),
+        to=(Address("rcpt@example.net"),),
+        text="see attached",
+        attachments=(Attachment("data.bin", "application/octet-stream", data),),
+    )
+    api.push(Answer(202, json={"id": "prov-big"}))
+    result = await provider(client, f"{api.url}/v1/emails").send(message, ENVELOPE)
+
+    assert result.provider_id == "prov-big"
+    (request,) = api.requests
+    assert "transfer-encoding" not in request.headers
+    assert request.headers["content-length"] == str(len(request.body))
+    assert request.json == message.as_json()
 
 
 async def test_base_url_points_a_remote_provider_at_the_local_server(

@@ -15,6 +15,7 @@ import pytest
 from smtp2api.aiohttp_transport import AiohttpTransport
 from smtp2api.errors import ConnectFailed, OutcomeUnknown
 from smtp2api.providers.base import RequestProgress, map_http_errors
+from smtp2api.providers.request import bounded_request
 from smtp2api.transport import new_http_client, transport_name
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -211,3 +212,26 @@ async def test_trace_tells_sent_from_not_sent(client: httpx.AsyncClient) -> None
                 await client.post(url, json={}, extensions={"trace": progress.trace})
         assert progress.traced
         assert progress.maybe_sent  # the request went out: a retry must reuse the id
+
+
+async def test_a_deadline_while_waiting_for_a_pooled_connection_is_never_sent() -> None:
+    # The only connection is busy: the second request waits in aiohttp's pool, unsent, and
+    # a deadline there is "never sent" (451 4.4.1), safe to fail over at once.
+    arrived = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        arrived.set()
+        await asyncio.sleep(5)
+
+    async with (
+        server(hold) as url,
+        httpx.AsyncClient(transport=AiohttpTransport(max_connections=1)) as client,
+    ):
+        first = asyncio.create_task(bounded_request(client, "POST", url, budget=5, content=b"1"))
+        await arrived.wait()
+        with pytest.raises(ConnectFailed):
+            await bounded_request(client, "POST", url, budget=0.3, content=b"2")
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first

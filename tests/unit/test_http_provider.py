@@ -27,6 +27,7 @@ from smtp2api.models import Address, Attachment, Envelope, Message, SendResult
 from smtp2api.providers.base import MAX_ERROR_BODY, Provider
 from smtp2api.providers.http import (
     MAX_MESSAGE_SIZE,
+    STREAM_ATTACHMENTS,
     HttpApiProvider,
     endpoint,
     names_recipient_field,
@@ -179,6 +180,27 @@ async def test_body_is_cut_to_the_envelope(make_provider: Make) -> None:
     assert body["to"] == []
     assert body["cc"] == [{"email": "cc@example.net"}]
     assert body["bcc"] == [{"email": "extra@example.org"}]
+
+
+async def test_large_attachments_are_streamed_with_their_length(make_provider: Make) -> None:
+    provider, recorder = make_provider(lambda _r: httpx.Response(202, json={"id": "big"}))
+    data = bytes(range(256)) * (STREAM_ATTACHMENTS // 256 + 1)
+    message = make_message(
+        attachments=(
+            Attachment("big.bin", "application/octet-stream", data),
+            Attachment("logo.png", "image/png", b"png", "inline", "logo@example.com"),
+        )
+    )
+    assert (await provider.send(message, ENVELOPE)).provider_id == "big"
+    (request,) = recorder.requests
+    assert "Transfer-Encoding" not in request.headers  # a length: not every API takes chunks
+    assert request.headers["Content-Length"] == str(len(request.content))
+    assert request.headers.get_list("Idempotency-Key") == [message.id]
+    assert json.loads(request.content) == message.as_json()
+    # Below the threshold the body is the same JSON, made at once.
+    small = make_message(attachments=(Attachment("a.bin", "application/octet-stream", data[:9]),))
+    await provider.send(small, ENVELOPE)
+    assert json.loads(recorder.requests[1].content) == small.as_json()
 
 
 async def test_shape_and_limits() -> None:

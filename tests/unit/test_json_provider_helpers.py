@@ -4,6 +4,7 @@ sender, header values, error building."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.header
 from collections.abc import AsyncIterator
 
@@ -26,9 +27,12 @@ from smtp2api.providers.base import (
     make_error,
 )
 from smtp2api.providers.jsonapi import (
+    Base64Bytes,
+    JsonStream,
     encode_json,
     ensure_fits,
     header_value,
+    json_body,
     json_mime_limit,
     post_json,
     report_payload_bug,
@@ -177,3 +181,54 @@ async def test_too_large_a_request_is_refused_before_sending(
             await build_provider("json", settings, client).send(big, ENVELOPE)
     assert calls == []
     assert str(caught.value.reply).startswith("552 5.3.4")
+
+
+# --- json_body ---------------------------------------------------------------------------
+
+
+async def _joined(stream: JsonStream) -> bytes:
+    return b"".join([piece async for piece in stream])
+
+
+def test_json_body_without_base64_is_the_encoded_json() -> None:
+    payload = {"subject": "Gr\u00fc\u00dfe", "to": [{"email": "a@example.net"}], "n": None}
+    assert json_body(payload) == encode_json(payload)
+    with pytest.raises(ValueError, match="JSON compliant"):
+        json_body({"score": float("nan")})  # as httpx's json=: no NaN in a request body
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        json_body({"when": object()})
+
+
+@pytest.mark.parametrize("sizes", [(0,), (1,), (2,), (3,), (196_607, 196_608, 196_609), (700_001,)])
+async def test_json_body_streams_base64_exactly_as_the_eager_encoding(
+    sizes: tuple[int, ...],
+) -> None:
+    blobs = [bytes(range(256)) * (size // 256) + b"\xff" * (size % 256) for size in sizes]
+    streamed = json_body(
+        {
+            "text": "\u00e9",
+            "attachments": [{"content": Base64Bytes(b), "n": i} for i, b in enumerate(blobs)],
+        }
+    )
+    eager = {
+        "text": "\u00e9",
+        "attachments": [
+            {"content": base64.b64encode(b).decode(), "n": i} for i, b in enumerate(blobs)
+        ],
+    }
+    assert isinstance(streamed, JsonStream)
+    sent = await _joined(streamed)
+    assert sent == encode_json(eager)
+    assert streamed.length == len(sent)
+    assert await _joined(streamed) == sent  # a second pass (a retried send) is the same body
+
+
+async def test_json_body_sends_base64_in_slices() -> None:
+    # Never the whole base64 text at once: at most 256 KiB of it per piece.
+    data = b"\x00" * 3_000_000
+    body = json_body({"attachments": [{"content": Base64Bytes(data)}]})
+    assert isinstance(body, JsonStream)
+    assert body.length == len('{"attachments":[{"content":""}]}') + 4_000_000
+    sizes = [len(piece) async for piece in body]
+    assert max(sizes) <= 256 * 1024
+    assert sum(sizes) == body.length

@@ -6,6 +6,7 @@ vocabulary, so its status code decides the reply; 400/422 are the message's faul
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +24,7 @@ from smtp2api.providers.base import (
     for_envelope,
     parse_json,
 )
+from smtp2api.providers.jsonapi import Base64Bytes, JsonStream, json_body
 from smtp2api.providers.request import bounded_request
 from smtp2api.replies import sanitize_text
 
@@ -51,6 +53,9 @@ _FIELD_IN_TEXT = re.compile(
     re.IGNORECASE,
 )
 _R553_REJECTED = replies.R553_BAD_RECIPIENT.with_text("Recipient address rejected upstream")
+_PER_MESSAGE = ("X-Smtp2api-Id", "Idempotency-Key")
+# Attachments of this many bytes in all or more are base64-encoded while the request is sent.
+STREAM_ATTACHMENTS = 1024 * 1024
 
 
 def endpoint(settings: config.HttpProvider) -> str:
@@ -116,6 +121,20 @@ def _provider_id(body: bytes, headers: httpx.Headers) -> str | None:
     return sanitize_text(header, 200) or None if header else None
 
 
+def request_body(message: Message) -> bytes | JsonStream:
+    """``message.as_json()`` as UTF-8 JSON; with ``STREAM_ATTACHMENTS`` bytes of attachments
+    or more, a ``JsonStream`` that base64-encodes them as it is sent (``jsonapi.json_body``)."""
+    if sum(len(a.content) for a in message.attachments) < STREAM_ATTACHMENTS:
+        return json_body(message.as_json())
+    payload = dataclasses.replace(message, attachments=()).as_json()
+    payload["attachments"] = [
+        # Attachment.as_json's keys, in its order, with the content left to the stream.
+        {**dataclasses.replace(a, content=b"").as_json(), "content": Base64Bytes(a.content)}
+        for a in message.attachments
+    ]
+    return json_body(payload)
+
+
 class HttpApiProvider:
     """POSTs ``Message.as_json()`` to ``settings.url`` with a Bearer key (design §5, ``http``)."""
 
@@ -137,7 +156,10 @@ class HttpApiProvider:
             key = settings.api_key.get_secret_value()
             headers["Authorization"] = f"Bearer {key}"
             secrets.append(key)
-        self._headers = headers
+        for header in _PER_MESSAGE:  # set on each request
+            headers.pop(header, None)
+        # Encoded once: each request appends its own few to a copy of this list.
+        self._headers = tuple(headers.raw)
         self._secrets = tuple(secrets)  # redacted should the API echo one in an error
 
     def __repr__(self) -> str:  # never the headers: they hold the key
@@ -145,16 +167,17 @@ class HttpApiProvider:
 
     async def send(self, message: Message, envelope: Envelope) -> SendResult:
         message = for_envelope(message, envelope)
-        headers = self._headers.copy()
         # The same id on every attempt: the API can drop duplicates of a retried call (design §3).
-        headers["X-Smtp2api-Id"] = message.id
-        headers["Idempotency-Key"] = message.id
+        headers = [*self._headers, *((name, message.id) for name in _PER_MESSAGE)]
+        body = request_body(message)
+        if isinstance(body, JsonStream):  # a length, not chunked framing: not every API takes it
+            headers.append(("Content-Length", str(body.length)))
         answer = await bounded_request(
             self._client,
             "POST",
             self._url,
             budget=self._timeout,
-            json=message.as_json(),
+            content=body,
             headers=headers,
         )
         if answer.ok:

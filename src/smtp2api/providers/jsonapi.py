@@ -1,6 +1,6 @@
-"""What the JSON providers (``sendgrid``, ``postmark``, ``resend``) share, as functions: one
-bounded, size-checked POST and its error path, request sizes, the sender, header values, the
-payload-bug log.
+"""What the JSON providers (``sendgrid``, ``postmark``, ``resend``, ``http``) share, as
+functions: one bounded, size-checked POST and its error path, request sizes, the sender, header
+values, the payload-bug log, a JSON body whose base64 attachments are encoded as it is sent.
 
 ``base.py`` keeps the ``Provider`` shape and the helpers every provider uses; this module holds
 those of the APIs that get the parsed message as JSON rather than the raw MIME.
@@ -8,8 +8,10 @@ those of the APIs that get the parsed message as JSON rather than the raw MIME.
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Callable, Mapping
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping
 from email.header import Header
 from typing import Any
 
@@ -40,6 +42,80 @@ def json_mime_limit(request_bytes: int) -> int:
 def encode_json(payload: Any) -> bytes:
     """The request body as sent: compact UTF-8 JSON (its length is what APIs limit)."""
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class Base64Bytes:
+    """``data`` as a JSON string of its base64 (RFC 4648 §4), for ``json_body``: the text is
+    made slice by slice while the request is sent, never whole. Held whole, a 19 MB
+    attachment costs its base64 three times over (the string, ``json.dumps``'s copy of it,
+    the UTF-8 encoding of that) before a byte is sent."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @property
+    def encoded_length(self) -> int:
+        return (len(self.data) + 2) // 3 * 4
+
+
+class JsonStream:
+    """A JSON request body of known ``length`` whose ``Base64Bytes`` are encoded as it is sent.
+
+    ``httpx`` takes it as ``content`` (an async iterable; send ``Content-Length: length``
+    with it, or httpx frames it chunked); it can be iterated more than once.
+    """
+
+    def __init__(self, pieces: list[bytes | Base64Bytes]) -> None:
+        self._pieces = pieces
+        self.length = sum(
+            p.encoded_length if isinstance(p, Base64Bytes) else len(p) for p in pieces
+        )
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self._pieces:
+            if not isinstance(piece, Base64Bytes):
+                yield piece
+                continue
+            view = memoryview(piece.data)
+            for start in range(0, len(view), _BASE64_SLICE):
+                yield base64.b64encode(view[start : start + _BASE64_SLICE])
+
+
+_BASE64_SLICE = 3 * 64 * 1024  # a multiple of 3: slices encode to base64 without padding
+
+
+def json_body(payload: Any) -> bytes | JsonStream:
+    """``payload`` as compact UTF-8 JSON (NaN refused, as httpx's ``json=`` does); bytes,
+    unless it holds ``Base64Bytes``: then a ``JsonStream`` that encodes them as it is sent.
+
+    The JSON around them is made by ``json.dumps`` with a random placeholder in their place
+    (base64 needs no JSON escaping, RFC 8259 §7), then cut at the placeholders.
+    """
+    blobs: list[Base64Bytes] = []
+    marker = ""  # made when first needed: most payloads hold no Base64Bytes
+
+    def placeholder(value: object) -> str:
+        nonlocal marker
+        if not isinstance(value, Base64Bytes):
+            raise TypeError(f"{type(value).__name__} is not JSON serializable")
+        marker = marker or f"smtp2api-base64-{secrets.token_hex(16)}"
+        blobs.append(value)
+        return marker
+
+    text = json.dumps(
+        payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=placeholder
+    ).encode()
+    if not blobs:
+        return text
+    parts = text.split(marker.encode())
+    if len(parts) != len(blobs) + 1:  # pragma: no cover - 128 random bits in the message
+        raise ValueError("JSON placeholder found in the payload itself")
+    pieces: list[bytes | Base64Bytes] = [parts[0]]
+    for blob, part in zip(blobs, parts[1:], strict=True):
+        pieces += [blob, part]
+    return JsonStream(pieces)
 
 
 def ensure_fits(body: bytes, limit: int, provider: str) -> None:

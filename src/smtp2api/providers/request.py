@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
+import logging
 import socket
 import ssl
-from collections.abc import Iterator
+import types
+from collections.abc import AsyncIterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -105,10 +108,20 @@ async def read_limited(response: httpx.Response, limit: int = MAX_ERROR_BODY) ->
     The status line is what decides the outcome; the body only adds an id or a reason, so a
     huge, endless or broken body must neither exhaust memory nor turn an answer into an error.
     """
+    stream = response.stream
+    source: AsyncIterable[bytes]
+    if (
+        isinstance(stream, httpx.AsyncByteStream)
+        and not response.is_stream_consumed
+        and "content-encoding" not in response.headers
+    ):
+        source = stream  # the body as sent: no need for aiter_bytes' decoder and chunker layers
+    else:  # encoded (guard_client asks for identity, yet a server may not), or read already
+        source = response.aiter_bytes()
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in response.aiter_bytes():
+        async for chunk in source:
             chunks.append(chunk)
             size += len(chunk)
             if size >= limit:
@@ -129,6 +142,18 @@ def phase_timeouts(timeout: float) -> httpx.Timeout:
     return httpx.Timeout(timeout, connect=timeout * 0.4, pool=timeout * 0.4)
 
 
+@functools.lru_cache(maxsize=64)
+def _timeout_extension(budget: float) -> Mapping[str, float | None]:
+    # httpx's ``timeout`` extension, computed once per budget (a provider has one) and
+    # read-only, since every request of that provider shares it.
+    return types.MappingProxyType(phase_timeouts(budget).as_dict())
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_url(url: str) -> httpx.URL:
+    return httpx.URL(url)  # immutable; a provider posts to the same few URLs every time
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ApiAnswer:
     """One API answer: status, headers and at most ``MAX_ERROR_BODY`` bytes of body."""
@@ -140,6 +165,125 @@ class ApiAnswer:
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300
+
+
+def _direct_request(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    extensions: dict[str, Any],
+    request: dict[str, Any],
+) -> httpx.Request | None:
+    """The request ``client.build_request`` would make, built without its generic merging;
+    None when the call needs what only ``client.send`` does (an auth flow with more than
+    one step, credentials in the URL, a client ``base_url``, client-level cookies/params).
+
+    Providers never follow redirects (design §8), keep no cookies and compute their own
+    credentials, so for them ``send``'s auth, redirect and cookie layers are pure overhead
+    (``bench/relay.py`` measures the difference).
+    """
+    auth = request.pop("auth", None)
+    if not (auth is None or isinstance(auth, httpx.BasicAuth)) or client.auth is not None:
+        return None
+    if not request.keys() <= _BUILDABLE or client.params or client.cookies:
+        return None
+    target = _parsed_url(url)
+    if target.is_relative_url or target.userinfo:
+        return None
+    headers, names = _merged_headers(client.headers, request.pop("headers", None))
+    content = request.get("content")
+    if (content is None or type(content) is bytes) and request.keys() <= _CONTENT_ONLY:
+        # The providers' usual body, bytes already: only the framing ``Request`` would add.
+        body = content or b""
+        _add_framing(headers, names, target, method, body)
+        built = httpx.Request(
+            method, target, headers=headers, stream=httpx.ByteStream(body), extensions=extensions
+        )
+        built.read()  # as ``Request`` does for bytes: ``.content`` is then set (no copy)
+    else:  # form data, files, JSON, a streamed body: httpx encodes them
+        built = httpx.Request(method, target, headers=headers, extensions=extensions, **request)
+    if auth is not None:
+        # BasicAuth's flow is one step: it sets the header and yields the request once.
+        next(auth.sync_auth_flow(built))
+    return built
+
+
+def _merged_headers(
+    defaults: httpx.Headers, extra: Any
+) -> tuple[list[tuple[Any, Any]], set[bytes]]:
+    """``Headers.update``'s merge: ``extra`` replaces every default of the same name. Also
+    the lower-cased names of the result.
+
+    Names and values stay str or bytes as given: ``Request`` encodes them (once) as
+    ``Headers`` does, ASCII for str."""
+    if isinstance(extra, httpx.Headers):
+        own: list[tuple[Any, Any]] = extra.raw
+    else:
+        own = list(extra.items() if isinstance(extra, Mapping) else extra or ())
+    names = {(name if type(name) is bytes else name.encode("ascii")).lower() for name, _ in own}
+    kept = [(name, value) for name, value in defaults.raw if name.lower() not in names]
+    names.update(name.lower() for name, _ in kept)
+    return kept + own, names
+
+
+def _add_framing(
+    headers: list[tuple[Any, Any]], names: set[bytes], url: httpx.URL, method: str, body: bytes
+) -> None:
+    """Host (RFC 9112 §3.2) and Content-Length (RFC 9110 §8.6), unless given, as httpx's
+    ``Request`` adds them: a length for any body, and 0 for an empty POST, PUT or PATCH."""
+    if b"host" not in names:
+        headers.insert(0, (b"Host", url.netloc))
+    framed = b"content-length" in names or b"transfer-encoding" in names
+    if not framed and (body or method.upper() in ("POST", "PUT", "PATCH")):
+        headers.append((b"Content-Length", b"%d" % len(body)))
+
+
+_BUILDABLE = frozenset({"content", "data", "files", "json", "headers"})
+_CONTENT_ONLY = frozenset({"content"})
+_log = logging.getLogger("httpx")  # ``client.send`` logs each request here, at INFO
+
+
+async def _send_direct(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """``client.send(request, stream=True)`` for a request that follows no redirect and
+    needs no auth flow: the event hooks (``upstream.guard_client``'s literal-address check),
+    the transport the client picks for the URL (a proxy mount), nothing else."""
+    if client.is_closed:
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
+    for hook in client.event_hooks["request"]:
+        await hook(request)
+    transport = client._transport_for_url(request.url)  # a proxy mount, if any (httpx 0.28)
+    response = await transport.handle_async_request(request)
+    response.request = request
+    try:
+        for hook in client.event_hooks["response"]:
+            await hook(response)
+    except BaseException:
+        await response.aclose()
+        raise
+    if _log.isEnabledFor(logging.INFO):
+        _log.info(
+            'HTTP Request: %s %s "%s %d %s"',
+            request.method,
+            request.url,
+            response.http_version,
+            response.status_code,
+            response.reason_phrase,
+        )
+    return response
+
+
+async def _send_general(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    extensions: dict[str, Any],
+    request: dict[str, Any],
+) -> httpx.Response:
+    """What ``AsyncClient.stream`` does, for a request ``_direct_request`` does not build.
+    ``extensions`` holds the timeouts already; ``build_request`` then keeps them."""
+    auth = request.pop("auth", httpx.USE_CLIENT_DEFAULT)
+    built = client.build_request(method, url, extensions=extensions, **request)
+    return await client.send(built, auth=auth, stream=True)
 
 
 async def bounded_request(
@@ -160,22 +304,25 @@ async def bounded_request(
     decides, even if the body then times out; at most ``limit`` bytes of body are read.
     """
     progress = RequestProgress()
+    extensions = {"timeout": _timeout_extension(budget), "trace": progress.trace}
     status: int | None = None
-    headers = httpx.Headers()
+    headers: httpx.Headers | None = None
     body = b""
     try:
         with map_http_errors(progress):
             async with asyncio.timeout(budget):
-                async with client.stream(
-                    method,
-                    url,
-                    timeout=phase_timeouts(budget),
-                    extensions={"trace": progress.trace},
-                    **request,
-                ) as response:
+                built = _direct_request(client, method, url, extensions, dict(request))
+                if built is not None:
+                    response = await _send_direct(client, built)
+                else:  # the general path: everything ``AsyncClient.stream`` does
+                    response = await _send_general(client, method, url, extensions, dict(request))
+                try:
                     status, headers = response.status_code, response.headers
                     body = await read_limited(response, limit)
+                finally:
+                    await response.aclose()
     except OutcomeUnknown:
         if status is None:
             raise
+    assert headers is not None  # set with the status, before any body was read
     return ApiAnswer(status, headers, body)

@@ -11,6 +11,7 @@ certificate against the host name. A URL whose host is an IP address is checked 
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -135,10 +136,16 @@ def _aiohttp_resolver(resolve: Resolver | None) -> Any:
     return GuardedResolver()
 
 
+@functools.lru_cache(maxsize=256)
+def _literal_refused(host: str) -> bool:
+    # Per host, not per request: parsing an address is most of the hook's cost.
+    return refused_upstream_address(host) not in (None, "not an IP address")
+
+
 async def _check_literal(request: httpx.Request) -> None:
     """Request hook: a URL whose host is an IP address is checked here (no resolver sees it)."""
     host = request.url.host
-    if refused_upstream_address(host) == "not an IP address":
+    if not _literal_refused(host):
         return
     try:
         _check(host, [host])
