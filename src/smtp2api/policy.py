@@ -21,6 +21,7 @@ R553_FROM_NOT_ALLOWED = replies.R553_SENDER_NOT_ALLOWED.with_text(
 )
 # The header check reads the same section mime.py reads; intake enforces [mime] limits.
 _UNBOUNDED = 2**62
+_TRUST_CACHE_SIZE = 4096
 
 
 def address_matches(address: str, patterns: Iterable[str]) -> bool:
@@ -35,8 +36,19 @@ class Policy:
     def __init__(self, trusted_networks: Sequence[IPNetwork], accounts: Sequence[Account]) -> None:
         self._trusted = tuple(trusted_networks)
         self._senders = {a.username: tuple(a.allowed_senders) for a in accounts}
+        # Asked on every connection, mostly by the same few clients: parsing the address and
+        # matching every network each time cost more than the answer is worth keeping.
+        self._trust_cache: dict[str, bool] = {}
 
     def is_trusted(self, peer_ip: str) -> bool:
+        known = self._trust_cache.get(peer_ip)
+        if known is None:
+            if len(self._trust_cache) >= _TRUST_CACHE_SIZE:
+                self._trust_cache.clear()  # many distinct peers: start over, stay bounded
+            known = self._trust_cache[peer_ip] = self._match_trusted(peer_ip)
+        return known
+
+    def _match_trusted(self, peer_ip: str) -> bool:
         try:
             ip = ipaddress.ip_address(peer_ip)
         except ValueError:

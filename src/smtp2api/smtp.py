@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
+import os
 import re
 import secrets
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,7 +63,30 @@ _CONTROL_BYTES = re.compile(rb"[\x00\r\n]")
 _MAX_AUTH_FAILURES = 3
 _THREAD_BYTES = 256 * 1024  # as intake.py: larger messages are scanned off the event loop
 _T = TypeVar("_T")
-_session_ids = itertools.count(1)
+
+
+class _SessionIds:
+    """Session ids, "s<n>-<tag>": the counter orders a process's sessions, the random tag tells
+    processes (forked workers) and restarts apart. One tag per process, not per session:
+    ``os.urandom`` on every connection was a system call for nothing."""
+
+    def __init__(self) -> None:
+        self._count = itertools.count(1)
+        self.forked()
+
+    def forked(self) -> None:
+        self._tag = secrets.token_hex(3)
+
+    def next(self) -> str:
+        return f"s{next(self._count)}-{self._tag}"
+
+
+_session_ids = _SessionIds()
+os.register_at_fork(after_in_child=_session_ids.forked)
+
+
+def _command_size_limit() -> int:
+    return SMTP.command_size_limit
 
 
 class ConnectionTracker:
@@ -134,10 +160,10 @@ class GatewaySMTP(GuardedSMTP):
         )
         self.init_guards(front.guards)
         # aiosmtpd keeps command_size_limits on the class and mutates it in EHLO; own a copy.
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.command_size_limits = collections.defaultdict(_command_size_limit)
         self.front = front
         self.tracker = tracker
-        self.session_id = f"s{next(_session_ids)}-{secrets.token_hex(3)}"
+        self.session_id = _session_ids.next()
         self.peer_ip = ""
         self.proxy_ip: str | None = None  # the load balancer's address, behind PROXY
         self.trusted = False
@@ -194,10 +220,12 @@ class GatewaySMTP(GuardedSMTP):
             if self.transport is not None:
                 self.transport.close()
             return
-        with structlog.contextvars.bound_contextvars(
+        # This coroutine is its own task (connection_made), whose context is a copy: what is
+        # bound here stays with the session and goes with it, no unbinding needed.
+        structlog.contextvars.bind_contextvars(
             session_id=self.session_id, peer=self.peer_ip, **self._proxy_context()
-        ):
-            await super()._handle_client()
+        )
+        await super()._handle_client()
 
     async def _read_proxy(self, gate: ProxyGate) -> bool:
         """Read the PROXY header and admit its client; close without a banner otherwise."""
@@ -246,9 +274,12 @@ class GatewaySMTP(GuardedSMTP):
         if isinstance(status, str):
             if status.startswith(_UNKNOWN_COMMAND):
                 status = "500 5.5.2 Command not recognized"
-            await super().push(_STOCK_REPLIES.get(status, status))
-        else:
-            await super().push(status)
+            status = _STOCK_REPLIES.get(status, status).encode(
+                "utf-8" if self.enable_SMTPUTF8 else "ascii"
+            )
+        # aiosmtpd's push, minus its DEBUG line per reply (mail.log never logs below INFO).
+        self._writer.write(status + b"\r\n")
+        await self._writer.drain()
 
     @property
     def is_tls(self) -> bool:
@@ -320,7 +351,7 @@ def received_header(
     if server.account is not None:
         proto += "A"
     helo = _CONTROL.sub("", session.host_name or "unknown")[:200]
-    stamp = format_datetime(datetime.now(UTC))
+    stamp = _date_time(int(time.time()))
     # Name the recipient only when there is one: more would reveal Bcc recipients to all.
     for_clause = f"\r\n\tfor <{rcpt_tos[0]}>" if len(rcpt_tos) == 1 else ""
     text = (
@@ -329,6 +360,12 @@ def received_header(
         f"\t{stamp}\r\n"
     )
     return text.encode("utf-8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=1)
+def _date_time(second: int) -> str:
+    """RFC 5322 §3.3 date-time of a second: formatted once, for every message of that second."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 class Handler:

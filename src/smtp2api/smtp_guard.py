@@ -1,10 +1,11 @@
 """Hostile-input rules of the SMTP front: an aiosmtpd ``SMTP`` subclass that ``GatewaySMTP``
 builds on. ``docs/security.md`` lists each rule with the test that shows it.
 
-* Framing (RFC 5321 §4.1.1.4, §4.5.2): only <CRLF>.<CRLF> ends DATA; a dot is unstuffed once,
-  at the start of a CRLF line; a bare CR or bare LF in DATA becomes CRLF (as Postfix's
-  ``smtpd_forbid_bare_newline = normalize``), so what is forwarded has one reading; NUL is
-  refused; a line over ``max_line_length`` refuses the message after the dot, nothing is cut.
+* Framing (RFC 5321 §4.1.1.4, §4.5.2; read by ``smtp_data.py``): only <CRLF>.<CRLF> ends
+  DATA; a dot is unstuffed once, at the start of a CRLF line; a bare CR or bare LF in DATA
+  becomes CRLF (as Postfix's ``smtpd_forbid_bare_newline = normalize``), so what is forwarded
+  has one reading; NUL is refused; a line over ``max_line_length`` refuses the message after
+  the dot, nothing is cut.
 * Lock-step: PIPELINING is not offered (RFC 2920), so input sent before our reply to the
   previous command is refused with 554 5.5.0 and the connection closed (Postfix ≥ 3.9 does the
   same). That includes plaintext pipelined behind STARTTLS (CVE-2011-0411 class).
@@ -16,10 +17,9 @@ builds on. ``docs/security.md`` lists each rule with the test that shows it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from aiosmtpd.smtp import MISSING, SMTP
 
 from smtp2api import replies
 from smtp2api.replies import SMTPReply
+from smtp2api.smtp_data import DataResult, read_data
 
 log = structlog.get_logger("smtp2api.smtp")
 
@@ -35,7 +36,6 @@ R554_PIPELINING = SMTPReply(554, "5.5.0", "Protocol synchronization error: wait 
 R553_BAD_SENDER = SMTPReply(553, "5.1.7", "Bad sender address syntax")
 R421_JUNK = SMTPReply(421, "4.7.0", "Too many commands without a message, closing connection")
 R421_SLOW_DATA = SMTPReply(421, "4.4.2", "Data transfer too slow, closing connection")
-R554_NUL = SMTPReply(554, "5.6.0", "Message rejected: NUL characters are not allowed")
 R503_TLS_ACTIVE = SMTPReply(503, "5.5.1", "TLS already active")
 
 # Commands that move no mail (Postfix's smtpd_junk_command_limit counts the same kind).
@@ -50,6 +50,13 @@ _U = "[^\x00-\x7f\x80-\x9f\u2028\u2029\ud800-\udfff\\s]"  # UTF-8 (RFC 6531), SM
 _ATOM = rf"(?:[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]|{_U})+"
 _LABEL = rf"(?:[A-Za-z0-9_]|{_U})(?:(?:[A-Za-z0-9_-]|{_U})*(?:[A-Za-z0-9_]|{_U}))?"
 _MAILBOX = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*")
+# The same without the UTF-8 alternatives, which never match ASCII: for ASCII paths (nearly
+# all) it gives the same answer without trying an alternation at every character.
+_A_ATOM, _A_LABEL = (
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+",
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?",
+)
+_ASCII_MAILBOX = re.compile(rf"{_A_ATOM}(?:\.{_A_ATOM})*@{_A_LABEL}(?:\.{_A_LABEL})*")
 _MAX_PATH = 254  # RFC 5321 §4.5.3.1.3: 256 octets with the angle brackets
 
 
@@ -71,11 +78,13 @@ def parse_path(arg: str | None, keyword: str, *, utf8: bool) -> tuple[str | None
         path = rest.split(" ", 1)[0]  # old printers omit the brackets
     if path == "" and rest.startswith("<>"):
         return "", True
+    if path.isascii():
+        return path, len(path) <= _MAX_PATH and bool(_ASCII_MAILBOX.fullmatch(path))
+    if not utf8:
+        return path, False  # RFC 6531 §3.4: non-ASCII addresses need MAIL ... SMTPUTF8
     ok = len(path.encode("utf-8", "surrogateescape")) <= _MAX_PATH and bool(
         _MAILBOX.fullmatch(path)
     )
-    if ok and not utf8 and not path.isascii():
-        ok = False  # RFC 6531 §3.4: non-ASCII addresses need MAIL ... SMTPUTF8
     return path, ok
 
 
@@ -91,86 +100,9 @@ class GuardLimits:
 
 def reader_limit(limits: GuardLimits) -> int:
     """The stream reader's limit: a DATA line, a stuffed dot and CRLF (commands are capped
-    at 512 octets by aiosmtpd after reading)."""
+    at 512 octets by aiosmtpd after reading; the DATA reader holds no more of an unended
+    line than this either)."""
     return limits.max_line_length + 3
-
-
-@dataclass(slots=True)
-class DataResult:
-    content: bytes
-    error: SMTPReply | None = None
-    close: bool = False  # the client went far past the limit: answer and hang up
-
-
-class _DataState:
-    """One DATA read in progress (``read_data``)."""
-
-    def __init__(self, max_bytes: int, max_line: int) -> None:
-        self.max_bytes, self.max_line = max_bytes, max_line
-        self.out = bytearray()
-        self.error: SMTPReply | None = None
-        self.wire = 0  # bytes read, kept or not
-        self.cap = 2 * max_bytes + 65536
-        self.line_start = True  # the next piece starts an SMTP line: the last one ended in CRLF
-        self.overlong = self.last_cr = False  # inside a piece too long for the stream reader
-
-    def overrun(self, fragment: bytes) -> None:
-        self.wire += len(fragment)
-        self.overlong, self.last_cr = True, fragment.endswith(b"\r")
-        self._refuse(replies.R554_LINE_TOO_LONG)
-
-    def piece(self, piece: bytes) -> bool:
-        """Take one piece ending in LF; True when it is the end of the data."""
-        self.wire += len(piece)
-        crlf = piece.endswith(b"\r\n") or (self.overlong and piece == b"\n" and self.last_cr)
-        if self.overlong:  # the tail of an over-long line: discarded
-            self.overlong, self.line_start = False, crlf
-            return False
-        if self.line_start and piece == b".\r\n":
-            return True
-        body = piece[:-2] if crlf else piece[:-1]
-        if self.line_start and body.startswith(b"."):
-            body = body[1:]  # RFC 5321 §4.5.2 transparency, once
-        self.line_start = crlf
-        if self.error is None:
-            self._keep(body)
-        return False
-
-    def _keep(self, body: bytes) -> None:
-        if len(body) > self.max_line:
-            self._refuse(replies.R554_LINE_TOO_LONG)
-        elif b"\x00" in body:
-            self._refuse(R554_NUL)  # RFC 5321 §4.5.2, RFC 2045 §2.7: no NUL in 7bit/8bit data
-        elif len(self.out) + len(body) + 2 > self.max_bytes:
-            self._refuse(replies.R552_TOO_LARGE)
-        else:
-            self.out += body.replace(b"\r", b"\r\n") if b"\r" in body else body
-            self.out += b"\r\n"
-
-    def _refuse(self, reply: SMTPReply) -> None:
-        self.error = self.error or reply
-        self.out.clear()  # a refused message is not kept in memory while the rest drains
-
-
-async def read_data(reader: asyncio.StreamReader, *, max_bytes: int, max_line: int) -> DataResult:
-    """Read DATA up to <CRLF>.<CRLF>: unstuffed once, line breaks normalised, bounded.
-
-    Reads by LF so that no bare LF is buffered without bound, but only a piece that follows a
-    CRLF starts an SMTP line: ``\\n.\\r\\n``, ``\\r.\\r\\n`` and the other smuggling variants
-    are content, never the end. After a failure the rest is drained and discarded, up to twice
-    ``max_bytes``; a client still sending then is cut off.
-    """
-    state = _DataState(max_bytes, max_line)
-    while True:
-        try:
-            piece = await reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:
-            state.overrun(await reader.read(exc.consumed))
-        else:
-            if state.piece(piece):
-                return DataResult(bytes(state.out), state.error)
-        if state.wire > state.cap:
-            return DataResult(b"", replies.R552_TOO_LARGE, close=True)
 
 
 class _Command:
@@ -189,19 +121,23 @@ class _Command:
         return getattr(self._method, attr)
 
 
-class _CommandTable(dict[str, Any]):
-    """aiosmtpd's ``_smtp_methods`` whose ``get`` (the dispatch in ``_handle_client``)
-    returns the guarded command; built in O(1) per connection, no per-method wrapping."""
+class _CommandTable(Mapping[str, Any]):
+    """aiosmtpd's ``_smtp_methods`` whose lookups (the dispatch in ``_handle_client``, HELP)
+    return the guarded command; a view of the table ``init_smtp`` built, no copy."""
 
-    __slots__ = ("_owner",)
+    __slots__ = ("_methods", "_owner")
 
-    def __init__(self, owner: GuardedSMTP, methods: dict[str, Any]) -> None:
-        super().__init__(methods)
-        self._owner = owner
+    def __init__(self, owner: GuardedSMTP, methods: Mapping[str, Any]) -> None:
+        self._owner, self._methods = owner, methods
 
-    def get(self, key: str, default: Any = None) -> Any:
-        method = super().get(key)
-        return default if method is None else _Command(self._owner, key, method)
+    def __getitem__(self, key: str) -> Any:
+        return _Command(self._owner, key, self._methods[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._methods)
+
+    def __len__(self) -> int:
+        return len(self._methods)
 
 
 class GuardedSMTP(SMTP):
@@ -223,7 +159,8 @@ class GuardedSMTP(SMTP):
         self._data_started: float | None = None
         self._data_bytes = 0
         self._timeout_reply = replies.R421_IDLE_TIMEOUT
-        self._smtp_methods = _CommandTable(self, self._smtp_methods)
+        self._deadline = 0.0  # when the session times out (_reset_timeout)
+        self._smtp_methods = _CommandTable(self, self._smtp_methods)  # type: ignore[assignment]
 
     @property
     def is_tls(self) -> bool:
@@ -344,7 +281,10 @@ class GuardedSMTP(SMTP):
             else:
                 await self.push(str(result.error))
             return
+        # Handed over: from here the envelope holds the only reference (smtp_DATA's result
+        # would otherwise keep the message alive until the handler's reply).
         self.envelope.content = self.envelope.original_content = result.content
+        result.content = b""
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
@@ -368,7 +308,23 @@ class GuardedSMTP(SMTP):
         self._timeout_reply = reply
         self._reset_timeout(max(deadline - now, 0.001))
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's (the session times out ``duration`` from now), without a new timer on
+        every command and every DATA read: the armed timer stays when it fires no later than
+        the new deadline, and ``_timeout_cb`` re-arms it for whatever the deadline is then."""
+        now = self.loop.time()
+        self._deadline = deadline = now + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is not None:
+            if not handle.cancelled() and now < handle.when() <= deadline:
+                return
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+
     def _timeout_cb(self) -> None:
+        if self.loop.time() < self._deadline:  # moved since the timer was armed
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+            return
         transport = self.transport
         if transport is None:
             return  # the session is over already

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import ssl
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from smtp2api.auth import Authenticator
 from smtp2api.policy import Policy
 from smtp2api.smtp import GatewaySMTP, Handler
+from smtp2api.smtp_guard import _ASCII_MAILBOX, _MAILBOX, parse_path
 from smtp2api.smtp_init import getaddr, init_smtp
 
 
@@ -34,7 +38,7 @@ def _normal(value: Any, me: object) -> Any:
     """A comparable form: bound methods by function and owner, containers element-wise."""
     if hasattr(value, "__self__") and hasattr(value, "__func__"):
         return ("method", value.__func__, "self" if value.__self__ is me else value.__self__)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # init_smtp's tables bind on lookup: compare what they give
         return {k: _normal(v, me) for k, v in value.items()}
     if isinstance(value, tuple):
         return tuple(_normal(v, me) for v in value)
@@ -136,3 +140,83 @@ def test_getaddr_matches_aiosmtpd(arg: str, limit: int) -> None:
             self.local_part_limit = limit
 
     assert getaddr(arg, limit) == Probe()._getaddr(arg)
+
+
+class _Aiosmtpd(SMTP):
+    def __init__(self, limit: int) -> None:  # only what _getaddr reads
+        self.local_part_limit = limit
+
+
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+_ODD = ' \t."()<>@,:;[]\\\x00\x0b\x85\u3000é'
+_atoms = st.text(alphabet=_ATEXT, min_size=0, max_size=6)
+_dotted = st.lists(_atoms, min_size=1, max_size=3).map(".".join)
+_tails = st.sampled_from(
+    [
+        "",
+        " ",
+        "  SIZE=100",
+        "\tBODY=8BITMIME",
+        " \x0bX",
+        "\x0bX",
+        "x",
+        " (c) SIZE=1",
+        "(c)",
+        " \u3000SMTPUTF8",
+        " \x85",
+        ">",
+        " <b@c>",
+    ]
+)
+_addresses = st.one_of(
+    st.builds(lambda lp, dom: f"<{lp}@{dom}>", _dotted, _dotted),
+    st.builds(lambda lp, dom: f"{lp}@{dom}", _dotted, _dotted),
+    st.builds(lambda a, b: f"<{a}{b}>", st.text(alphabet=_ATEXT + _ODD, max_size=12), _dotted),
+    st.just("<>"),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    lead=st.sampled_from(["", " ", "\t"]),
+    address=_addresses,
+    tail=st.one_of(_tails, st.text(alphabet=_ATEXT + _ODD, max_size=8)),
+    limit=st.sampled_from([0, 3, 64]),
+)
+@example(lead="", address="<a@b.example>", tail=" \x0bX", limit=0)
+@example(lead="", address="<a@b.example>", tail=" (comment) SIZE=1", limit=0)
+@example(lead="", address="<a@b.example>", tail="\x0bX", limit=0)
+@example(lead="", address="<>", tail=" SIZE=1", limit=0)
+@example(lead="", address="<abcd@b.example>", tail="", limit=3)
+def test_getaddr_matches_aiosmtpd_on_generated_forms(
+    lead: str, address: str, tail: str, limit: int
+) -> None:
+    # The plain "<local@domain>" form skips the parser: every answer must still be the
+    # parser's, for that form and for everything near it.
+    arg = lead + address + tail
+    assert _outcome(getaddr, arg, limit) == _outcome(_Aiosmtpd(limit)._getaddr, arg)
+
+
+def _outcome(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception as exc:  # the parser's own bugs ("0@": IndexError) must be the same
+        return type(exc)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    path=st.lists(
+        st.sampled_from(["a", "Z", "0", "-", "_", ".", "@", "+", "!", "~", '"', " ", "é", "\x00"]),
+        max_size=20,
+    ).map("".join)
+)
+def test_the_ascii_mailbox_pattern_is_the_full_one_on_ascii(path: str) -> None:
+    # parse_path matches ASCII paths (nearly all) with the pattern minus its UTF-8
+    # alternatives; both must accept exactly the same ASCII strings.
+    if path.isascii():
+        assert bool(_ASCII_MAILBOX.fullmatch(path)) == bool(_MAILBOX.fullmatch(path))
+    if path:  # "<>" is the null path, valid on its own terms
+        assert parse_path(f"TO:<{path}>", "TO:", utf8=True)[1] == (
+            bool(_MAILBOX.fullmatch(path)) and len(path.encode()) <= 254
+        )
