@@ -496,6 +496,10 @@ class Handler:
         self, server: GatewaySMTP, session: Session, envelope: AioEnvelope
     ) -> str:
         raw: bytes = envelope.original_content or b""
+        # From here this frame holds the message, not the envelope: once the Received: line
+        # is prepended below, the bytes as read can be freed (one copy of a 25 MB message
+        # alive instead of two; aiosmtpd resets the envelope after this hook anyway).
+        envelope.content = envelope.original_content = None
         mail_from = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
         account = server.account
         limit = self._route_size_limit(account, mail_from)
@@ -512,12 +516,13 @@ class Handler:
             peer=server.peer_ip,
             smtputf8=bool(envelope.smtp_utf8),
         )
-        received = received_header(server, session, msg_id, list(envelope.rcpt_tos))
+        content = received_header(server, session, msg_id, list(envelope.rcpt_tos)) + raw
+        del raw
         self.in_data.add(server)
         self._data_done.clear()
         try:
             with structlog.contextvars.bound_contextvars(msg_id=msg_id):
-                reply = await self._accept(msg_id, received + raw, model)
+                reply = await self._accept(msg_id, content, model)
         finally:
             self._leave_data(server)
         if reply.is_success:
