@@ -8,120 +8,32 @@ own: message bodies are never logged, and subjects only at debug (``log.debug(..
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Literal, TextIO, cast
 
 import structlog
-from pydantic import SecretBytes, SecretStr
 from structlog.contextvars import bound_contextvars, unbind_contextvars
 from structlog.tracebacks import ExceptionDictTransformer
-from structlog.typing import EventDict, ExcInfo, FilteringBoundLogger, Processor, WrappedLogger
+from structlog.typing import ExcInfo, FilteringBoundLogger, Processor
 
-MASK = "**********"
+from smtp2api.log_processors import (
+    MASK,
+    JsonLine,
+    add_logger_name,
+    escape_control,
+    escape_controls,
+    mask_secrets,
+    merge_contextvars,
+    stamp,
+)
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS |= {"error": logging.ERROR, "critical": logging.CRITICAL}
-
-# Substrings of keys whose values are never logged (matched on the lower-cased key, "-" as "_").
-SECRET_KEY_PARTS = (
-    "password",
-    "passwd",
-    "secret",
-    "token",
-    "api_key",
-    "apikey",
-    "authorization",
-    "auth_data",
-    "credential",
-    "private_key",
-    "cookie",
-)
-_BEARER = re.compile(r"^\s*(Bearer|Basic)\s+\S", re.IGNORECASE)
-
-# C0, DEL, C1, and the Unicode line/paragraph separators: everything str.splitlines() or a
-# terminal could treat as a line break or an escape sequence.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
-_PLAIN = (str, int, float, bool, type(None))
-_FIRST_KEYS = ("timestamp", "level", "event", "logger")
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    char = match.group(0)
-    return _ESCAPES.get(char) or (
-        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
-    )
-
-
-def escape_control(text: str) -> str:
-    """``text`` with every control character written as a visible escape (``\\n``, ``\\x00``)."""
-    return _CONTROL.sub(_escape_char, text)
-
-
-def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and _is_secret_name(key)
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_secret_name(key: str) -> bool:
-    # Cached: log keys are a small fixed vocabulary, checked on every event (hot path).
-    norm = key.lower().replace("-", "_")
-    return any(part in norm for part in SECRET_KEY_PARTS)
-
-
-def _mask(value: Any) -> Any:
-    if isinstance(value, SecretStr | SecretBytes):
-        return MASK
-    if isinstance(value, str):
-        # An Authorization header value under an innocent key ("header", "value", ...).
-        return f"{value.split(None, 1)[0]} {MASK}" if _BEARER.match(value) else value
-    if isinstance(value, Mapping):
-        return {k: MASK if _is_secret_key(k) else _mask(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_mask(v) for v in value]
-    return value
-
-
-def mask_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Processor: mask values of secret-looking keys (nested too) and of ``SecretStr``."""
-    for key, value in event_dict.items():
-        if key == "exc_info":
-            continue
-        event_dict[key] = MASK if _is_secret_key(key) else _mask(value)
-    return event_dict
-
-
-def _escape(value: Any) -> Any:
-    if isinstance(value, str):
-        return escape_control(value)
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, Mapping):
-        return {_escape(str(k)): _escape(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_escape(v) for v in value]
-    # Any other object is shown by its repr, which may carry raw newlines: escape it now.
-    return escape_control(repr(value))
-
-
-def escape_controls(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Processor: escape control characters in every key and value, so one event = one line."""
-    # The keys a reader scans for come first; the JSON line keeps this order.
-    out: EventDict = {k: event_dict.pop(k) for k in _FIRST_KEYS if k in event_dict}
-    out.update(event_dict)
-    for key, value in out.items():
-        # exc_info is rendered later, by a formatter that escapes the untrusted part itself.
-        if key != "exc_info":
-            out[key] = _escape(value)
-    if any(_CONTROL.search(key) for key in out):
-        out = {escape_control(key): value for key, value in out.items()}
-    return out
 
 
 def _traceback_lines(te: traceback.TracebackException) -> Iterator[str]:
@@ -148,14 +60,6 @@ def _safe_traceback(sio: TextIO, exc_info: ExcInfo) -> None:
     """
     te = traceback.TracebackException(*exc_info)
     sio.write("".join("\n    " + line for line in _traceback_lines(te)))
-
-
-def _add_logger_name(logger: WrappedLogger, _: str, event_dict: EventDict) -> EventDict:
-    record = event_dict.get("_record")
-    name = record.name if isinstance(record, logging.LogRecord) else getattr(logger, "name", None)
-    if name:
-        event_dict.setdefault("logger", name)
-    return event_dict
 
 
 class _Sink:
@@ -186,6 +90,27 @@ class _LineLogger:
         self._sink.write(line)
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+_LOGGERS_MAX = 4096
+
+
+class _LoggerFactory:
+    """structlog builds a logger per call when loggers are not cached (they are not: see
+    ``configure_logging``); one ``_LineLogger`` per name per configuration serves them all."""
+
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+        self._loggers: dict[str | None, _LineLogger] = {}
+
+    def __call__(self, *args: Any) -> _LineLogger:
+        name = str(args[0]) if args else None
+        logger = self._loggers.get(name)
+        if logger is None:
+            logger = _LineLogger(self._sink, name)
+            if len(self._loggers) < _LOGGERS_MAX:  # names are module names: a few dozen
+                self._loggers[name] = logger
+        return logger
 
 
 class _StdlibHandler(logging.Handler):
@@ -223,12 +148,9 @@ def configure_logging(
         raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
     sink = _Sink(stream if stream is not None else sys.stdout)
 
-    shared: list[Processor] = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _add_logger_name,
-    ]
+    shared: list[Processor] = [structlog.processors.add_log_level, stamp, add_logger_name]
     renderer: list[Processor]
+    last: list[Processor]  # after merge_contextvars, for structlog's own events
     if fmt == "json":
         # Structured, without locals: frame locals could hold a password or a message body.
         exceptions = ExceptionDictTransformer(show_locals=False, use_rich=False)
@@ -239,6 +161,7 @@ def configure_logging(
             escape_controls,
             structlog.processors.JSONRenderer(),
         ]
+        last = [JsonLine([*shared, *renderer])]
     else:
         colors = bool(getattr(sink.stream, "isatty", lambda: False)())
         console = structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=_safe_traceback)
@@ -248,17 +171,18 @@ def configure_logging(
             escape_controls,
             console,
         ]
+        last = [*shared, *renderer]
 
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, *shared, *renderer],
+        processors=[merge_contextvars, *last],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
-        logger_factory=lambda *args: _LineLogger(sink, str(args[0]) if args else None),
+        logger_factory=_LoggerFactory(sink),
         # Not cached: loggers made at import time must follow a reload's level and format.
         cache_logger_on_first_use=False,
     )
 
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.contextvars.merge_contextvars, *shared],
+        foreign_pre_chain=[merge_contextvars, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
     )
     root = logging.getLogger()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from typing import Any
 
 import prometheus_client
 import structlog
@@ -87,6 +88,31 @@ def reply_code(reply: SMTPReply | str | int) -> str:
 # the oldest undelivered entry (None when there is none).
 SpoolStats = tuple[Mapping[str, int], float | None]
 SpoolProbe = Callable[[], SpoolStats | Awaitable[SpoolStats]]
+
+
+class _Children:
+    """A labelled metric's children, looked up once per label values.
+
+    ``labels()`` validates its arguments and takes the metric's lock on every call, and the
+    SMTP session calls it per reply (several times per message); the children it returns never
+    change (nothing here calls ``remove()``), so a dict lookup serves every later call. The
+    cache holds at most ``_MAX`` keys: label values are clamped, and keys past it just miss.
+    """
+
+    _MAX = 1024
+
+    def __init__(self, metric: Any) -> None:
+        self._labels = metric.labels
+        self._cache: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable, make: Callable[[], tuple[str, ...]]) -> Any:
+        """The child for ``key``, whose label values ``make()`` returns on a miss."""
+        child = self._cache.get(key)
+        if child is None:
+            child = self._labels(*make())
+            if len(self._cache) < self._MAX:
+                self._cache[key] = child
+        return child
 
 
 class Metrics:
@@ -190,6 +216,10 @@ class Metrics:
             self.messages_received_total.labels(result=result)
         for state in SPOOL_STATES:
             self.spool_messages.labels(state=state)
+        self._connections = _Children(self.smtp_connections_total)
+        self._auths = _Children(self.smtp_auth_total)
+        self._messages = _Children(self.messages_received_total)
+        self._replies = _Children(self.replies_total)
         self._providers: frozenset[str] = frozenset()
         self.set_providers(providers)
         self._spool_probe: SpoolProbe | None = None
@@ -199,6 +229,9 @@ class Metrics:
     def set_providers(self, names: Iterable[str]) -> None:
         """Declare the configured provider names (again on reload); others become "other"."""
         self._providers = frozenset(names)
+        # The provider label of a name may change ("other" <-> itself): look it up afresh.
+        self._attempts = _Children(self.delivery_attempts_total)
+        self._durations = _Children(self.delivery_duration_seconds)
         for provider in self._providers:
             self.provider_circuit_open.labels(provider=provider)
             for outcome in DELIVERY_OUTCOMES:
@@ -212,7 +245,7 @@ class Metrics:
     # observers: shaped to be passed as the callbacks of smtp.py, intake.py, delivery.py ------
 
     def observe_connection(self, result: str) -> None:
-        self.smtp_connections_total.labels(result=clamp(result, CONNECTION_RESULTS)).inc()
+        self._connections.get(result, lambda: (clamp(result, CONNECTION_RESULTS),)).inc()
 
     def observe_active(self, delta: int) -> None:
         """``+1`` when a session starts, ``-1`` when it ends."""
@@ -220,19 +253,19 @@ class Metrics:
 
     def observe_auth(self, result: bool | str) -> None:
         """``True``/``False`` for success/failure, or one of ``AUTH_RESULTS``."""
-        if isinstance(result, bool):
-            result = "success" if result else "failure"
-        self.smtp_auth_total.labels(result=clamp(result, AUTH_RESULTS)).inc()
+        label = ("success" if result else "failure") if isinstance(result, bool) else result
+        self._auths.get(label, lambda: (clamp(label, AUTH_RESULTS),)).inc()
 
     def observe_message(self, result: str, size: int) -> None:
-        self.messages_received_total.labels(result=clamp(result, MESSAGE_RESULTS)).inc()
+        self._messages.get(result, lambda: (clamp(result, MESSAGE_RESULTS),)).inc()
         self.message_size_bytes.observe(size)
 
     def observe_delivery(self, provider: str, outcome: str, seconds: float) -> None:
-        label = self.provider_label(provider)
-        outcome = clamp(outcome, DELIVERY_OUTCOMES)
-        self.delivery_attempts_total.labels(provider=label, outcome=outcome).inc()
-        self.delivery_duration_seconds.labels(provider=label).observe(seconds)
+        def labels() -> tuple[str, str]:
+            return self.provider_label(provider), clamp(outcome, DELIVERY_OUTCOMES)
+
+        self._attempts.get((provider, outcome), labels).inc()
+        self._durations.get(provider, lambda: (self.provider_label(provider),)).observe(seconds)
 
     def observe_circuit(self, provider: str, is_open: bool) -> None:
         self.provider_circuit_open.labels(provider=self.provider_label(provider)).set(
@@ -240,7 +273,11 @@ class Metrics:
         )
 
     def observe_reply(self, reply: SMTPReply | str | int) -> None:
-        self.replies_total.labels(code=reply_code(reply)).inc()
+        # Keyed by the code, never by a text: "250 2.0.0 queued as <id>" differs per message.
+        key: int | str = reply.code if isinstance(reply, SMTPReply) else reply
+        if isinstance(key, str):
+            key = reply_code(key)
+        self._replies.get(key, lambda: (reply_code(reply),)).inc()
 
     # scrape-time gauges ----------------------------------------------------------------------
 

@@ -96,10 +96,11 @@ def _parse(
 ) -> tuple[Message, Controls]:
     section = scan_headers(raw, max_fields=limits.max_headers, max_bytes=limits.max_header_bytes)
     named = [f for f in section.fields if f.name]
+    control = [f for f in named if is_control_header(f.key)]
     # Controls see the unfolded text; each handler decides about RFC 2047 (JSON must not be
     # decoded blindly).
-    controls = extract_controls([(f.name, f.text(encoded_words=False)) for f in named])
-    dropped = [f for f in named if f.key in _BLIND_HEADERS or is_control_header(f.name)]
+    controls = extract_controls([(f.name, f.text(encoded_words=False)) for f in control])
+    dropped = [f for f in named if f.key in _BLIND_HEADERS] + control
 
     body = Body() if headers_only else _body(raw, limits)
 
@@ -190,7 +191,7 @@ def _custom_headers(fields: list[HeaderField]) -> list[tuple[str, str]]:
     kept: list[tuple[str, str]] = []
     for f in fields:
         key = f.key
-        if is_control_header(key) or not (key in _KEPT_HEADERS or key.startswith("x-")):
+        if not (key in _KEPT_HEADERS or key.startswith("x-")) or is_control_header(key):
             continue
         # X-* are unstructured (decode RFC 2047); the others are structured, where an
         # encoded-word may not appear (RFC 2047 §5), so their text is kept as written.

@@ -11,9 +11,14 @@ from smtp2api.errors import MessageError
 from smtp2api.mime_text import clean_line, decode_words, header_text
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")  # bare CR and LF count too, as in email.feedparser
-# RFC 5322 §3.6.8 field name (printable ASCII but ":"), with the obsolete white space before the
-# colon (§4.5.1) accepted so that "Bcc :" is recognised, and removed, like "Bcc:".
-_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# A whole field: the RFC 5322 §3.6.8 name (printable ASCII but ":"), with the obsolete white
+# space before the colon (§4.5.1) accepted so that "Bcc :" is recognised, and removed, like
+# "Bcc:"; then the value with its folded lines (a line starting with SP or HTAB continues the
+# field, §2.2.3), up to and including the final line break.
+_FIELD_LINES = re.compile(
+    rb"([\x21-\x39\x3b-\x7e]++)[ \t]*+:"
+    rb"([^\r\n]*+(?:(?:\r\n|\r|\n)[ \t][^\r\n]*+)*+)(?:\r\n|\r|\n)?"
+)
 # A junk line and every following line that is neither a field nor the empty line, matched at
 # once (possessive: no backtracking): a message without the empty line would otherwise cost a
 # Python loop turn per body line. Line breaks split as _LINE_END splits them.
@@ -30,10 +35,7 @@ class HeaderField:
     value: bytes  # after the colon, folding included, final line break excluded
     start: int
     end: int
-
-    @property
-    def key(self) -> str:
-        return self.name.lower()
+    key: str  # name.lower(), looked up many times per message
 
     def text(self, *, encoded_words: bool = True) -> str:
         return header_text(self.value, encoded_words=encoded_words)
@@ -60,34 +62,28 @@ def scan_headers(raw: bytes, *, max_fields: int, max_bytes: int) -> HeaderSectio
     limits, so a message that lacks the empty line is not rejected for the size of its body.
     """
     fields: list[HeaderField] = []
-    name, value_start, value_end, start = "", 0, 0, -1  # the field being read; -1: none yet
     count = used = 0  # fields with a name, and their bytes
     pos, size = 0, len(raw)
     while pos < size:
-        match = _LINE_END.search(raw, pos)
-        line_end, next_pos = (match.start(), match.end()) if match else (size, size)
-        if line_end == pos:  # the empty line
-            size = next_pos
+        if raw[pos] in b"\r\n":  # the empty line
+            size = pos + (2 if raw.startswith(b"\r\n", pos) else 1)
             break
-        if raw[pos] not in b" \t" or start < 0:  # a new field, not a continuation (§2.2.3)
-            if start >= 0:
-                fields.append(HeaderField(name, raw[value_start:value_end], start, pos))
-            found = _FIELD_NAME.match(raw, pos, line_end)
-            name = found.group(1).decode("ascii") if found else ""
-            value_start, start = (found.end() if found else pos), pos
-            count += 1 if found else 0
-        value_end = line_end
-        used += next_pos - pos if name else 0
-        if count > max_fields:
-            raise MessageError(f"more than {max_fields} header fields")
-        if used > max_bytes:
-            raise MessageError(f"header section larger than {max_bytes} bytes")
-        if not name:  # junk and what follows it, up to the next field or the empty line
+        found = _FIELD_LINES.match(raw, pos)
+        if found is None:  # junk and what follows it, up to the next field or the empty line
             value_end = _JUNK_RUN.match(raw, pos).end()  # type: ignore[union-attr]
-            next_pos = min(size, value_end + (2 if raw.startswith(b"\r\n", value_end) else 1))
-        pos = next_pos
-    if start >= 0:
-        fields.append(HeaderField(name, raw[value_start:value_end], start, pos))
+            end = min(size, value_end + (2 if raw.startswith(b"\r\n", value_end) else 1))
+            fields.append(HeaderField("", raw[pos:value_end], pos, end, ""))
+        else:
+            end = found.end()
+            count += 1
+            used += end - pos
+            if count > max_fields:
+                raise MessageError(f"more than {max_fields} header fields")
+            if used > max_bytes:
+                raise MessageError(f"header section larger than {max_bytes} bytes")
+            name = found.group(1).decode("ascii")
+            fields.append(HeaderField(name, found.group(2), pos, end, name.lower()))
+        pos = end
     return HeaderSection(tuple(fields), size)
 
 
@@ -195,14 +191,59 @@ class _AddressListScanner:
         self.box = _MailboxBuilder()
 
 
+# The everyday mailbox shapes, which the scanner above reads one token at a time: "addr",
+# "<addr>", "Name <addr>" and '"Name" <addr>', with a dot-atom address (RFC 5322 §3.4.1, a
+# subset of what _ADDR_SPEC takes) and nothing but spaces around (header_text has turned every
+# other white space into spaces or removed it). Anything else goes to the scanner.
+_DOT_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]++(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]++)*+"
+_PLAIN_ADDR = rf"{_DOT_ATOM}@{_DOT_ATOM}"
+_SIMPLE_MAILBOX = re.compile(
+    rf"( *+)(?:\"([ !#-\[\]-~]*+)\"( *+)<({_PLAIN_ADDR})>"  # '"Name" <addr>'
+    rf"|([!#-'*+\--9=?-Z\[\]^-~][ !#-'*+\--9=?-Z\[\]^-~]*+)?<({_PLAIN_ADDR})>"  # Name <addr>
+    rf"|({_PLAIN_ADDR}))( *+)"  # addr
+)
+
+
+def _display_name(text: str) -> str:
+    # What _phrase makes of the same text as tokens (no quoted pair to undo in it).
+    return clean_line(decode_words(_SPACES.sub(" ", text)))
+
+
+def _simple_mailboxes(text: str) -> list[tuple[str, str | None]] | None:
+    """``parse_mailboxes`` for a list of everyday mailboxes, or None for anything else."""
+    found: list[tuple[str, str | None]] = []
+    pos, size = 0, len(text)
+    while True:
+        match = _SIMPLE_MAILBOX.match(text, pos)
+        if match is None:
+            return None
+        lead, quoted, mid, addr, name, named_addr, bare, tail = match.groups()
+        if bare is not None:
+            found.append(("", bare))
+        elif named_addr is not None:
+            found.append((_display_name(lead + (name or "") + tail), named_addr))
+        else:
+            found.append((_display_name(lead + quoted + mid + tail), addr))
+        pos = match.end()
+        if pos == size:
+            return found
+        if text[pos] != ",":
+            return None
+        pos += 1
+
+
 def parse_mailboxes(value: bytes) -> list[tuple[str, str | None]]:
     """The mailboxes of an address-list field as ``(display name, addr-spec or None)``.
 
     Group names are dropped and group members kept (RFC 5322 §3.4); a mailbox whose address is
     not exactly one valid addr-spec (``a@x@y``, two angle-addrs) keeps its place with None.
     """
+    text = header_text(value, encoded_words=False)
+    simple = _simple_mailboxes(text)
+    if simple is not None:
+        return simple
     scanner = _AddressListScanner()
-    for piece in _TOKEN.findall(header_text(value, encoded_words=False)):
+    for piece in _TOKEN.findall(text):
         scanner.feed(piece)
     scanner.finish()
     return scanner.found

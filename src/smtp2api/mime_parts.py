@@ -1,6 +1,6 @@
-"""The MIME body tree: a bounded parse with the stdlib email package (compat32, the fast policy)
-and an iterative walk that picks the text and HTML bodies and turns every other leaf into an
-Attachment. Nothing here recurses without a bound and nothing raises but MessageError.
+"""The MIME body tree (``mime_tree.parse_tree``: compat32, bounded) walked iteratively: the text
+and HTML bodies picked, every other leaf turned into an Attachment. Nothing here recurses
+without a bound and nothing raises but MessageError.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import re
 from dataclasses import dataclass, field
 from email.generator import BytesGenerator
 from email.message import Message as EmailMessage
-from email.parser import BytesParser
-from email.policy import Compat32, compat32
-from typing import Any
+from email.policy import compat32
 
 from smtp2api.errors import MessageError
 from smtp2api.mime_text import (
@@ -26,94 +24,13 @@ from smtp2api.mime_text import (
     text_from_header,
     unfold,
 )
+from smtp2api.mime_tree import Part, parse_tree, source_content
 from smtp2api.models import Attachment
 
-# email.message._parseparam is quadratic in the length of a parameter list, and feedparser
-# calls it for every multipart boundary. No real Content-Type or Content-Disposition comes near
-# this size (RFC 2231 continuations of a 255-octet filename take about 2.5 KiB).
-_PARAM_HEADER_CAP = 16 * 1024
-_PARAM_HEADERS = frozenset({"content-type", "content-disposition"})
+__all__ = ["Body", "children", "parse_tree", "walk"]
+
 _CONTENT_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 _MAX_CONTENT_ID = 250
-
-
-@dataclass
-class _Counter:
-    """What one parse has produced so far, checked against the limits as it grows."""
-
-    max_depth: int
-    max_parts: int
-    max_headers: int
-    max_header_bytes: int
-    parts: int = 1  # the root
-    headers: int = 0
-    header_bytes: int = 0
-
-    def add_part(self, depth: int) -> None:
-        self.parts += 1
-        if depth > self.max_depth:
-            raise MessageError(f"MIME nesting deeper than {self.max_depth}")
-        if self.parts > self.max_parts:
-            raise MessageError(f"more than {self.max_parts} MIME parts")
-
-    def add_header(self, size: int) -> None:
-        self.headers += 1
-        self.header_bytes += size
-        if self.headers > self.max_headers:
-            raise MessageError(f"more than {self.max_headers} header fields")
-        if self.header_bytes > self.max_header_bytes:
-            raise MessageError(f"header fields larger than {self.max_header_bytes} bytes")
-
-
-class _ParsePolicy(Compat32):
-    """compat32 that counts header fields as feedparser reads them, returns header values as
-    the stored text (never ``Header`` objects) and caps parameter-carrying headers (see
-    ``_PARAM_HEADER_CAP``; the header byte budget bounds how often that cost is paid)."""
-
-    counter: _Counter
-
-    def __init__(self, counter: _Counter) -> None:
-        super().__init__()
-        object.__setattr__(self, "counter", counter)  # policies refuse plain assignment
-
-    def header_source_parse(self, sourcelines: list[str]) -> tuple[str, str]:
-        self.counter.add_header(sum(len(line) for line in sourcelines))
-        return super().header_source_parse(sourcelines)
-
-    def header_fetch_parse(self, name: str, value: str) -> str:
-        if name.lower() in _PARAM_HEADERS and len(value) > _PARAM_HEADER_CAP:
-            return value[:_PARAM_HEADER_CAP]
-        return value
-
-
-class _Part(EmailMessage):
-    """A parsed part that knows its depth; ``attach`` is the one place feedparser links a child
-    to its parent, so limits are enforced there, before feedparser's recursion gets deep."""
-
-    depth = 0
-    counter: _Counter | None = None
-
-    def attach(self, payload: Any) -> None:
-        counter = self.counter
-        if counter is not None and isinstance(payload, _Part):
-            payload.depth = self.depth + 1
-            counter.add_part(payload.depth)
-        super().attach(payload)
-
-
-def parse_tree(
-    raw: bytes, *, max_depth: int, max_parts: int, max_headers: int, max_header_bytes: int
-) -> EmailMessage:
-    """Parse ``raw`` into a compat32 tree that stays within the limits (MessageError if not)."""
-    counter = _Counter(max_depth, max_parts, max_headers, max_header_bytes)
-    policy = _ParsePolicy(counter)
-
-    def factory(policy: Compat32 = policy) -> _Part:
-        part = _Part(policy)
-        part.counter = counter
-        return part
-
-    return BytesParser(factory, policy=policy).parsebytes(raw)
 
 
 def children(part: EmailMessage) -> list[EmailMessage]:
@@ -200,7 +117,9 @@ def _filename(part: EmailMessage) -> str | None:
 def _content_bytes(part: EmailMessage) -> bytes:
     """The content after transfer decoding (RFC 2045 §6); an unknown encoding leaves it as is."""
     try:
-        data = part.get_payload(decode=True)
+        data: object = source_content(part) if isinstance(part, Part) else None
+        if data is None:
+            data = part.get_payload(decode=True)
     except (ValueError, LookupError, TypeError):  # compat32 catches most decoding errors itself
         data = None
     return data if isinstance(data, bytes) else b""

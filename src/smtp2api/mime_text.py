@@ -77,6 +77,8 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
 
 def text_from_header(value: str | bytes) -> str:
     """A header value as text: bytes (or surrogate-escaped str) decoded as UTF-8 or latin-1."""
+    if value.isascii():  # most header values: ASCII reads the same in every fallback
+        return value if isinstance(value, str) else value.decode("ascii")
     if isinstance(value, str):
         value = value.encode("utf-8", "surrogateescape")
     return decode_bytes(value)
@@ -87,6 +89,8 @@ _FOLD = re.compile(r"(?:\r\n|\r|\n)(?=[ \t])")
 
 
 def unfold(value: str) -> str:
+    if "\n" not in value and "\r" not in value:
+        return value
     return _FOLD.sub("", value)
 
 
@@ -158,6 +162,9 @@ _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 def clean_line(value: str) -> str:
     """A single-line field: no CR/LF or other control characters, no edge white space."""
+    # Both patterns and lone surrogates match only non-printable characters (Cc, Zl, Zp, Cs).
+    if value.isprintable():
+        return value.strip()
     value = _LINE_BREAKS.sub(" ", value)
     return without_surrogates(_CONTROLS.sub("", value)).strip()
 

@@ -431,7 +431,8 @@ async def test_hybrid_replies_before_the_spool_commits_and_shutdown_waits_for_it
     spool.writer.fault_hook = slow_commit
     code, text = await in_thread(send, gw.port(), simple_message())
     assert (code, text) == (250, "2.0.0 Ok: fake-1")  # answered while the put is not durable
-    assert committing.is_set() and len(api.requests) == 1
+    assert committing.is_set()
+    assert len(api.requests) == 1
 
     stopping = asyncio.create_task(gw.shutdown())
     await asyncio.sleep(0.2)

@@ -8,12 +8,16 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from smtp2api import log_processors as procs
 from smtp2api.logs import (
     MASK,
     bind,
@@ -246,3 +250,110 @@ def test_a_broken_stream_never_raises_into_the_caller() -> None:
     buf.close()
     get_logger().info("lost")
     logging.getLogger("x").warning("lost too")
+
+
+# The JSON hot path (``_JsonLine``) against the processor chain it stands for -----------------
+
+_TEXT = st.text(
+    # "\u017f" (long s) folds onto "s" under IGNORECASE, as in "Ba\u017fic".
+    alphabet=st.sampled_from(list('aB \t\r\n\x00\x1b\x7f\x85\u2028\u00e9"\\:bearic-_\u017f')),
+    max_size=12,
+)
+_KEYS = st.one_of(
+    st.sampled_from(["sender", "password", "X-Api-Key", "event", "logger", "level", "k\n"]),
+    _TEXT,
+)
+_SCALARS = st.one_of(
+    _TEXT,
+    st.sampled_from(
+        ["Bearer abc", " basic x", "BEARER  y", "Bearer ", "bearerx y", "Ba\u017fic z"]
+    ),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+)
+_VALUES = st.recursive(
+    st.one_of(_SCALARS, st.builds(SecretStr, _TEXT)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.one_of(_KEYS, st.integers()), inner, max_size=3),
+        st.tuples(inner),
+    ),
+    max_leaves=6,
+)
+
+
+class _Named:
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+
+
+def _fast_and_chain(event_dict: dict[str, Any], method: str, name: str | None) -> tuple[Any, Any]:
+    """What the hot path and the processor chain it stands for make of one event."""
+    setup("debug")
+    (fast,) = structlog.get_config()["processors"][1:]
+    assert isinstance(fast, procs.JsonLine)
+    logger = _Named(name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(procs, "utc_timestamp", lambda: "2026-01-02T03:04:05.000006Z")
+        expected: Any = dict(event_dict)
+        for processor in fast._chain:
+            expected = processor(logger, method, expected)
+        return fast(logger, method, dict(event_dict)), expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    event=st.one_of(st.none(), _TEXT),
+    fields=st.dictionaries(_KEYS, _VALUES, max_size=6),
+    method=st.sampled_from(["info", "warning", "warn", "exception", "debug"]),
+    name=st.sampled_from([None, "", "smtp2api.intake", "x\ny"]),
+)
+def test_json_hot_path_writes_what_the_processor_chain_writes(
+    event: str | None, fields: dict[str, Any], method: str, name: str | None
+) -> None:
+    event_dict = dict(fields) | ({} if event is None else {"event": event})
+    fast, chain = _fast_and_chain(event_dict, method, name)
+    assert fast == chain
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer abc",
+        " basic x",
+        "BEARER  y",
+        "Bearer ",
+        "Bearer",
+        "bearerx y",
+        "Ba\u017fic z",
+        "Bearer\tx",
+        "\u2003Bearer x",
+        "x Bearer y",
+        'Bearer "x"',
+    ],
+)
+def test_hot_path_masks_authorization_values_as_the_chain_does(value: str) -> None:
+    # Clean keys and plain values: the case the hot path renders before it checks.
+    event_dict = {"event": "request_sent", "header": value, "status": 200, "peer": "192.0.2.1"}
+    fast, chain = _fast_and_chain(event_dict, "info", "smtp2api.x")
+    assert fast == chain
+    assert ("**********" in fast) == bool(re.match(r"\s*(bearer|basic)\s+\S", value, re.I))
+
+
+@pytest.mark.parametrize("ns", [1_700_000_000_000_000_000, 1_700_000_005_123_456_789, 999_000])
+def test_utc_timestamp_is_timestampers_iso_format(monkeypatch: pytest.MonkeyPatch, ns: int) -> None:
+    monkeypatch.setattr(procs, "_second", (-1, ""))
+    monkeypatch.setattr(procs.time, "time_ns", lambda: ns)
+    when = datetime.fromtimestamp(ns // 1000 / 1e6, UTC).replace(microsecond=ns // 1000 % 10**6)
+    assert procs.utc_timestamp() == when.isoformat().replace("+00:00", "Z")
+    assert procs.utc_timestamp() == when.isoformat().replace("+00:00", "Z")  # from the cache
+
+
+def test_a_secret_key_stays_masked_on_the_hot_path_whatever_its_value() -> None:
+    buf = setup()
+    log = get_logger()
+    for value in ("plain", 7, None, "a\nb"):
+        log.info("x", api_key=value, session_token=value)
+    assert all(e["api_key"] == MASK and e["session_token"] == MASK for e in events(buf))

@@ -238,3 +238,49 @@ async def test_failing_probe_keeps_previous_values(metrics: Metrics) -> None:
 async def test_refresh_without_probe_is_a_no_op(metrics: Metrics) -> None:
     await metrics.refresh()
     assert value(metrics, "smtp2api_spool_messages", state="queued") == 0.0
+
+
+def test_repeated_observations_count_in_the_same_series(metrics: Metrics) -> None:
+    # The observers keep each labelled child after the first call: counts must still add up.
+    ok = SMTPReply(250, "2.0.0", "Ok")
+    for _ in range(3):
+        metrics.observe_reply(ok)
+        metrics.observe_reply(SMTPReply(250, "2.0.0", "queued as <a-different-id>"))
+        metrics.observe_reply("250 2.0.0 Ok: <provider-id-1234>")
+        metrics.observe_reply(451)
+        metrics.observe_connection("accepted")
+        metrics.observe_message("accepted", 10)
+        metrics.observe_auth(True)
+        metrics.observe_delivery("ses", "success", 0.2)
+        metrics.observe_delivery("nobody", "success", 0.2)
+    assert value(metrics, "smtp2api_replies_total", code="250") == 9.0
+    assert value(metrics, "smtp2api_replies_total", code="451") == 3.0
+    assert value(metrics, "smtp2api_smtp_connections_total", result="accepted") == 3.0
+    assert value(metrics, "smtp2api_messages_received_total", result="accepted") == 3.0
+    assert value(metrics, "smtp2api_smtp_auth_total", result="success") == 3.0
+    assert (
+        value(metrics, "smtp2api_delivery_attempts_total", provider="ses", outcome="success") == 3
+    )
+    assert (
+        value(metrics, "smtp2api_delivery_attempts_total", provider=OTHER, outcome="success") == 3
+    )
+    assert value(metrics, "smtp2api_delivery_duration_seconds_count", provider=OTHER) == 3
+
+
+def test_a_provider_added_on_reload_gets_its_own_series_from_then_on(metrics: Metrics) -> None:
+    metrics.observe_delivery("resend", "success", 0.1)  # not configured yet: "other"
+    metrics.set_providers(["ses", "backup", "resend"])
+    metrics.observe_delivery("resend", "success", 0.1)
+    metrics.set_providers(["ses"])
+    metrics.observe_delivery("backup", "transient", 0.1)  # removed again: "other"
+    assert (
+        value(metrics, "smtp2api_delivery_attempts_total", provider="resend", outcome="success")
+        == 1
+    )
+    assert (
+        value(metrics, "smtp2api_delivery_attempts_total", provider=OTHER, outcome="success") == 1
+    )
+    assert (
+        value(metrics, "smtp2api_delivery_attempts_total", provider=OTHER, outcome="transient") == 1
+    )
+    assert value(metrics, "smtp2api_delivery_duration_seconds_count", provider="resend") == 1

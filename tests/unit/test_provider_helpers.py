@@ -390,6 +390,24 @@ async def test_read_limited_keeps_what_arrived_before_a_break() -> None:
     assert await read_limited(httpx.Response(200, stream=_Broken())) == b'{"id": "m'
 
 
+class _OneShot(httpx.AsyncByteStream):
+    """A network body: it can be read once."""
+
+    def __init__(self) -> None:
+        self.chunks = [b'{"id": ', b'"once"}']
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self.chunks:
+            yield self.chunks.pop(0)
+
+
+async def test_read_limited_reads_the_stream_once_or_the_body_already_read() -> None:
+    assert await read_limited(httpx.Response(200, stream=_OneShot())) == b'{"id": "once"}'
+    read = httpx.Response(200, stream=_OneShot())
+    await read.aread()
+    assert await read_limited(read) == b'{"id": "once"}'
+
+
 def _message(to: tuple[str, ...], cc: tuple[str, ...] = (), bcc: tuple[str, ...] = ()) -> Message:
     return Message(
         id="m1",
