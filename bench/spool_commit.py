@@ -77,7 +77,7 @@ async def run(
         commits = spool.stats.commits - commits_before
     finally:
         await spool.aclose()
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", ".lock"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     mode = "group commit ON" if group_commit else "group commit OFF"
     return Result(mode, sum(counts), elapsed, commits, latencies)

@@ -22,7 +22,7 @@ from smtp2api.errors import SpoolError, SpoolFull
 from smtp2api.models import Envelope
 from smtp2api.spool import SpoolEntry, SqliteSpool, new_message_id, open_spool, sqlite_path
 from smtp2api.spool.sqlite_io import spool_error
-from smtp2api.spool.sqlite_schema import SCHEMA_VERSION
+from smtp2api.spool.sqlite_schema import SCHEMA_VERSION, decode_list, encode_list
 
 T0 = 1_700_000_000.0
 
@@ -186,6 +186,38 @@ async def test_a_bad_op_fails_alone_inside_a_batch(spool: SqliteSpool) -> None:
     assert isinstance(results[1], SpoolError)
     assert results[2] is None
     assert (await spool.counts())["queued"] == 2
+
+
+@pytest.mark.parametrize(
+    ("sql", "params"),
+    [
+        ("DELETE FROM messages WHERE id = ? AND size = ?", ("x",)),  # too few parameters
+        ("DELETE FROM messages WHERE size = ?", (2**63,)),  # no SQLite INTEGER holds it
+        ("INSERT INTO messages (id) VALUES (?)", ("x",)),  # NOT NULL constraints
+    ],
+)
+async def test_a_failing_statement_fails_alone_without_a_savepoint(
+    spool: SqliteSpool, sql: str, params: tuple[object, ...]
+) -> None:
+    a, b = entry(1), entry(2)
+    async with writer_blocked(spool):
+        tasks = [
+            asyncio.create_task(spool.put(a)),
+            asyncio.create_task(spool.writer.execute(sql, params)),
+            asyncio.create_task(spool.ack(a.id)),
+            asyncio.create_task(spool.put(b)),
+        ]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results[0] is None
+    assert isinstance(results[1], SpoolError)
+    assert results[2:] == [None, None]
+    assert [s.id for s in await spool.list()] == [b.id]  # the ops around it all took effect
+
+
+def test_encoded_lists_are_what_json_dumps_gives() -> None:
+    for values in [(), ("a@example.com",), ('"q"@x', "b\\s@x", "ü@bücher.example", "\x01\n")]:
+        assert encode_list(values) == json.dumps(list(values), separators=(",", ":"))
+        assert decode_list("id", "column", encode_list(values)) == values
 
 
 # --- failures -------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The embedded spool: one SQLite file in WAL mode, ``synchronous=FULL``, group-committed.
 
 Writes go through ``sqlite_io.Writer`` (one thread, one connection, one fsync per batch);
-reads through ``sqlite_io.Reader``. Another process (``smtp2api queue``) may open the same
-file while the daemon runs: WAL lets its reads proceed, and its writes wait for the write lock
-up to ``busy_timeout``. With SQLite every claim is this process's own (design §3).
+reads through ``sqlite_io.Reader``. Other processes (the workers of ``[smtp] processes``,
+``smtp2api queue``) may open the same file: WAL lets their reads proceed, and their writers
+queue on the flock of ``<file>.lock`` (``sqlite_files.WriteLock``), then on SQLite's write
+lock up to ``busy_timeout``. With SQLite every claim is this process's own (design §3).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,15 +24,13 @@ import structlog
 from smtp2api.errors import SpoolError
 from smtp2api.spool import sqlite_schema as schema
 from smtp2api.spool.base import STATES, SpoolEntry, SpoolSummary
-from smtp2api.spool.sqlite_io import (
-    Reader,
-    Writer,
-    WriterStats,
+from smtp2api.spool.sqlite_files import (
     connect_reader,
     connect_writer,
+    open_write_lock,
     prepare_path,
-    spool_error,
 )
+from smtp2api.spool.sqlite_io import Reader, Writer, WriterStats, spool_error
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -55,7 +55,7 @@ class SqliteSpool:
     Constructing it does no I/O: the file is created, switched to WAL and migrated by
     ``start()`` or, failing that, by the first operation (so ``open_spool`` stays a plain
     factory). A failed open is retried by the next operation: a full disk at startup is not
-    permanent.
+    permanent. ``write_lock=False``: no flock on ``<file>.lock`` (benchmarks compare with it).
     """
 
     def __init__(
@@ -66,11 +66,13 @@ class SqliteSpool:
         group_commit: bool = True,
         busy_timeout: float = 5.0,
         max_batch: int = 1024,
+        write_lock: bool = True,
     ) -> None:
         self.path = Path(path)
         self.lease = lease
         self.stats = WriterStats()
         self._busy_timeout = busy_timeout
+        self._write_lock = write_lock
         self._group_commit = group_commit
         self._max_batch = max_batch
         self.writer = self._new_writer()
@@ -109,8 +111,11 @@ class SqliteSpool:
         self._ready = True
 
     def _new_writer(self) -> Writer:
+        # The flock's wait is bounded by the busy timeout too: past it, SQLite decides.
+        lock = partial(open_write_lock, self.path, self._busy_timeout)
         return Writer(
             self._connect_writer,
+            open_lock=lock if self._write_lock else None,
             group_commit=self._group_commit,
             max_batch=self._max_batch,
             stats=self.stats,
@@ -135,10 +140,10 @@ class SqliteSpool:
     # --- writes ---------------------------------------------------------------------------
 
     async def _change(self, sql: str, params: Sequence[object]) -> int:
-        def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(sql, params).rowcount
-
-        return await self._write(op)
+        """One statement, its rowcount (no savepoint: see ``Writer.execute``)."""
+        if not self._ready:
+            await self.start()
+        return await self.writer.execute(sql, params)
 
     async def put(self, entry: SpoolEntry) -> None:
         params = schema.encode_entry(entry, time.time(), self.lease)

@@ -6,6 +6,8 @@ one connection. Callers enqueue an op and await a future; the thread takes every
 runs it in ONE transaction, commits once (one fsync of the WAL under ``synchronous=FULL``) and
 then settles all the futures. Durability costs one fsync per batch instead of one per message,
 and a batch forms by itself while the previous fsync is in flight: no timer, no added latency.
+With several processes on one file, the transaction is also taken under the spool's flock
+(``sqlite_files.WriteLock``), and the batch is gathered once it is held.
 """
 
 from __future__ import annotations
@@ -13,20 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 
 from smtp2api.errors import SpoolError, SpoolFull
-from smtp2api.spool.sqlite_schema import migrate
+from smtp2api.spool.sqlite_files import WriteLock
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -70,15 +70,21 @@ class WriterStats:
 
 
 class _Pending:
-    __slots__ = ("fn", "future", "loop")
+    """One op: ``fn(conn)``, or when ``fn`` is None the single statement ``sql``/``params``."""
+
+    __slots__ = ("fn", "future", "loop", "params", "sql")
 
     def __init__(
         self,
-        fn: Callable[[sqlite3.Connection], Any],
+        fn: Callable[[sqlite3.Connection], Any] | None,
+        sql: str,
+        params: Sequence[object],
         future: asyncio.Future[Any],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.fn = fn
+        self.sql = sql
+        self.params = params
         self.future = future
         self.loop = loop
 
@@ -106,24 +112,31 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 class Writer:
-    """The writer thread. ``submit(fn)`` runs ``fn(conn)`` inside a batch transaction.
+    """The writer thread. ``submit(fn)`` runs ``fn(conn)`` inside a batch transaction, and
+    ``execute(sql, params)`` one statement, returning its rowcount.
 
     ``fn`` must only touch the database through ``conn``; its result is returned once the
     batch has committed. If the commit fails, every op of the batch fails: none is durable.
     Cancelling the awaiting caller does not withdraw a submitted op (it may still commit):
     at-least-once, never "said durable but lost".
+
+    ``open_lock`` (called in the thread, after ``connect``) gives the flock taken around each
+    transaction, or None to rely on SQLite's busy handler alone.
     """
 
     def __init__(
         self,
         connect: Callable[[], sqlite3.Connection],
         *,
+        open_lock: Callable[[], WriteLock | None] | None = None,
         group_commit: bool = True,
         max_batch: int = 1024,
         stats: WriterStats | None = None,
         name: str = "smtp2api-spool-writer",
     ) -> None:
         self._connect = connect
+        self._open_lock = open_lock
+        self.lock: WriteLock | None = None  # set in the thread; None: no flock (or given up)
         self.group_commit = group_commit
         self.max_batch = max(1, max_batch) if group_commit else 1
         self.stats = WriterStats() if stats is None else stats
@@ -145,12 +158,21 @@ class Writer:
             raise
 
     async def submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return cast(T, await self._enqueue(fn, "", ()))
+
+    async def execute(self, sql: str, params: Sequence[object]) -> int:
+        """Run one statement; its rowcount once committed. Cheaper than ``submit``: no savepoint."""
+        return cast(int, await self._enqueue(None, sql, params))
+
+    def _enqueue(
+        self, fn: Callable[[sqlite3.Connection], Any] | None, sql: str, params: Sequence[object]
+    ) -> asyncio.Future[Any]:
         if self._closed:
             raise SpoolError("spool is closed")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Pending(fn, future, loop))
-        return await future
+        future = loop.create_future()
+        self._queue.put(_Pending(fn, sql, params, future, loop))
+        return future
 
     async def close(self) -> None:
         """Run what is queued, then stop the thread and close the connection."""
@@ -168,8 +190,14 @@ class Writer:
         started = self._started
         assert started is not None
         try:
-            conn = self._connect()
+            self.lock = None if self._open_lock is None else self._open_lock()
+            locked = self._acquire()  # the migration, too, waits in the kernel's queue
+            try:
+                conn = self._connect()
+            finally:
+                self._release(locked)
         except BaseException as exc:  # noqa: BLE001 - reported to start(), which raises it
+            self._close_lock()
             error = spool_error(exc, "open")
             started.get_loop().call_soon_threadsafe(_set_exception, started, error)
             return
@@ -182,6 +210,7 @@ class Writer:
                 conn.close()
             except sqlite3.Error:
                 log.warning("spool_close_failed")
+            self._close_lock()
             self._fail_leftovers()
 
     def _serve(self, conn: sqlite3.Connection) -> None:
@@ -191,24 +220,61 @@ class Writer:
                 return
             batch = [first]
             stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
+            # The lock first, then the rest of the batch: what is queued while another
+            # process commits joins this transaction.
+            locked = self._acquire()
             try:
-                self._commit_batch(conn, batch)
+                stop = self._fill(batch)
+                outcomes = self._commit_batch(conn, batch)
             except Exception as exc:  # a bug must not kill the thread with callers waiting
                 log.exception("spool_writer_error")
-                self._deliver([(item, False, spool_error(exc)) for item in batch])
+                outcomes = [(item, False, spool_error(exc)) for item in batch]
+            finally:
+                self._release(locked)  # before waking the callers: the others need not wait
+            self._deliver(outcomes)
             if stop:
                 return
 
-    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+    def _fill(self, batch: list[_Pending]) -> bool:
+        """Add what is queued to ``batch``; True if the stop marker was met."""
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            batch.append(item)
+        return False
+
+    def _acquire(self) -> bool:
+        lock = self.lock
+        if lock is None:
+            return False
+        try:
+            # False: a peer held it past the timeout (stopped? hung?); SQLite's busy timeout
+            # decides, as it would without the lock.
+            return lock.acquire()
+        except OSError as exc:  # e.g. ENOLCK: no flock on this filesystem
+            log.warning("spool_write_lock_failed", error=str(spool_error(exc, "lock")))
+            self._close_lock()
+            return False
+
+    def _release(self, locked: bool) -> None:
+        if locked and self.lock is not None:
+            try:
+                self.lock.release()
+            except OSError as exc:  # closing the descriptor releases it all the same
+                log.warning("spool_write_lock_failed", error=str(spool_error(exc, "unlock")))
+                self._close_lock()
+
+    def _close_lock(self) -> None:
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                lock.close()
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
         try:
             # IMMEDIATE takes the write lock up front (waiting up to busy_timeout for another
@@ -234,22 +300,32 @@ class Writer:
             self.stats.commits += 1
             self.stats.ops += len(batch)
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        self._deliver(outcomes)
+        return outcomes
 
     def _run_op(self, conn: sqlite3.Connection, item: _Pending) -> _Outcome:
-        # A savepoint per op: a constraint error (or a bug) in one op undoes that op only.
+        fn = item.fn
+        if fn is None:
+            # One statement needs no savepoint: a statement that fails a constraint is backed
+            # out by SQLite itself and "the transaction remains active" (ABORT, the default
+            # conflict resolution, https://www.sqlite.org/lang_conflict.html); a binding error
+            # fails before the statement runs.
+            try:
+                return item, True, conn.execute(item.sql, item.params).rowcount
+            except Exception as exc:
+                if _fails_the_batch(conn, exc):
+                    raise
+                return item, False, _op_error(exc)
+        # A savepoint per op of several statements: a constraint error (or a bug) in one op
+        # undoes that op only.
         conn.execute("SAVEPOINT op")
         try:
-            value = item.fn(conn)
+            value = fn(conn)
         except Exception as exc:
-            fatal = isinstance(exc, sqlite3.Error) and not isinstance(exc, _OP_LOCAL)
-            if fatal or not conn.in_transaction:
+            if _fails_the_batch(conn, exc):
                 raise
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
-            if not isinstance(exc, SpoolError | sqlite3.Error):
-                log.exception("spool_op_failed")
-            return item, False, spool_error(exc)
+            return item, False, _op_error(exc)
         conn.execute("RELEASE op")
         return item, True, value
 
@@ -273,6 +349,18 @@ class Writer:
             if item is not None:
                 leftovers.append((item, False, SpoolError("spool is closed")))
         self._deliver(leftovers)
+
+
+def _fails_the_batch(conn: sqlite3.Connection, exc: Exception) -> bool:
+    fatal = isinstance(exc, sqlite3.Error) and not isinstance(exc, _OP_LOCAL)
+    return fatal or not conn.in_transaction
+
+
+def _op_error(exc: Exception) -> SpoolError:
+    """The error of an op that fails alone (called in its ``except`` block)."""
+    if not isinstance(exc, SpoolError | sqlite3.Error):
+        log.exception("spool_op_failed")
+    return spool_error(exc)
 
 
 def _set_result(future: asyncio.Future[None]) -> None:
@@ -319,75 +407,3 @@ class Reader:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-# --- files and connections ------------------------------------------------------------------
-
-
-def connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    # isolation_level=None: no implicit transactions; the writer issues BEGIN/COMMIT itself.
-    # ``timeout`` is SQLite's busy timeout: how long to wait for another process's lock.
-    return sqlite3.connect(
-        path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-    )
-
-
-def connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    """The writer's connection: WAL, ``synchronous=FULL``, schema migrated."""
-    conn = connect(path, busy_timeout)
-    try:
-        # WAL: readers (the CLI, our reader thread) never block the writer nor wait for it,
-        # and a commit appends to one file (https://www.sqlite.org/wal.html).
-        _enable_wal(conn)
-        # FULL: in WAL mode the WAL is fsynced at every commit, so a commit survives a power
-        # loss; with NORMAL it "might roll back following a power loss or system crash"
-        # (https://www.sqlite.org/pragma.html#pragma_synchronous). Promise 1 needs FULL.
-        conn.execute("PRAGMA synchronous = FULL")
-        # macOS fsync() does not flush the drive cache; F_FULLFSYNC does. No-op elsewhere.
-        conn.execute("PRAGMA fullfsync = ON")
-        # Truncate the WAL back to 64 MiB after a checkpoint: a burst of large messages must
-        # not leave a huge file behind (https://www.sqlite.org/pragma.html#pragma_journal_size_limit).
-        conn.execute("PRAGMA journal_size_limit = 67108864")
-        migrate(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def connect_reader(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    conn = connect(path, busy_timeout)
-    conn.execute("PRAGMA query_only = ON")  # reads only, whatever a caller passes
-    return conn
-
-
-def _enable_wal(conn: sqlite3.Connection) -> None:
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":  # e.g. a filesystem without shared-memory support
-        raise SpoolError(f"spool open failed: journal_mode is {mode}, WAL is unavailable")
-
-
-def prepare_path(path: Path) -> None:
-    """Create the parent directory (0700) and an empty file (0600) when missing.
-
-    SQLite gives its -wal and -shm files the main file's permissions, so those stay 0600 too.
-    The directory is fsynced after the file is created so the new name survives a crash.
-    """
-    parent = path.parent
-    if not parent.is_dir():
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return
-    try:
-        os.fchmod(fd, 0o600)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dir_fd = os.open(parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

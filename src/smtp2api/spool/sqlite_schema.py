@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from json.encoder import encode_basestring_ascii
 from typing import Any, cast
 
 from smtp2api.errors import SpoolError
@@ -143,7 +144,10 @@ def encode_entry(entry: SpoolEntry, now: float, lease: float) -> tuple[object, .
 
 
 def encode_list(values: Sequence[str]) -> str:
-    return json.dumps(list(values), separators=(",", ":"))
+    """A JSON array of strings, the same text as ``json.dumps(list(values), separators=(",",
+    ":"))``: three per put, and ``json.dumps`` builds an encoder per call (~2.5 us each, this
+    ~0.4 us)."""
+    return "[" + ",".join(map(encode_basestring_ascii, values)) + "]"
 
 
 def decode_summary(row: Sequence[Any]) -> SpoolSummary:
