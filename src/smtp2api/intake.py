@@ -36,7 +36,7 @@ from smtp2api.mime import MimeLimits, parse_message
 from smtp2api.models import Envelope, Message, SendResult
 from smtp2api.replies import SMTPReply
 from smtp2api.routing import Router
-from smtp2api.spool.base import Spool, SpoolEntry
+from smtp2api.spool.base import Spool, SpoolEntry, Withdrawn
 
 log = structlog.get_logger("smtp2api.intake")
 
@@ -177,6 +177,8 @@ class Intake:
         except SpoolError as exc:
             log.error("spool_failed", error=str(exc))
             return exc
+        except Withdrawn:  # the provider took it first: nothing was stored, nothing failed
+            return None
         log.info("message_spooled")
         return None
 
@@ -196,24 +198,33 @@ class Intake:
         committed). Refused or not answered: the reply waits for the put, which decides
         between "queued" and "nothing kept" (451/452).
         """
+        spool = self._spool
+        assert spool is not None
         put = asyncio.create_task(self._put(entry))
         try:
             result = await self._send_within(message, envelope, route, deadline - self._clock())
         except (PermanentDeliveryError, MessageError) as exc:
             reply = delivery_reply(exc, self.config.soft_bounce)
-            failed = await put
-            if reply.is_permanent:
-                if failed is None:  # the client owns this failure now: nothing stays queued
-                    await self._forget(message.id)
-                log.info("delivery_failed", reply=str(reply), detail=_detail(exc))
-                return self._done("rejected", message.raw, reply)
-            return await self._queued_if_kept(message, failed, exc)
+            if not reply.is_permanent:  # soft_bounce: kept for the worker, like a transient
+                return await self._queued_if_kept(message, await put, exc)
+            # The client owns this failure now: nothing stays queued.
+            if spool.withdraw(message.id):
+                self._background(put)
+            elif await put is None:
+                await self._forget(message.id)
+            log.info("delivery_failed", reply=str(reply), detail=_detail(exc))
+            return self._done("rejected", message.raw, reply)
         except TransientDeliveryError as exc:
             return await self._queued_if_kept(message, await put, exc)
         except BaseException:
             self._background(put)  # cancelled: the entry may commit and is retried later
             raise
-        self._background(self._ack_after(put, message.id))
+        if spool.withdraw(message.id):
+            # Still queued for the spool's writer: it is never written (no insert, no fsync,
+            # no removal). Otherwise it is removed once its put has committed.
+            self._background(put)
+        else:
+            self._background(self._ack_after(put, message.id))
         _log_delivered(result, envelope, message)
         return self._done("accepted", message.raw, _accepted_reply(result, message.id))
 

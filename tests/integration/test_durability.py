@@ -444,3 +444,29 @@ async def test_hybrid_replies_before_the_spool_commits_and_shutdown_waits_for_it
         assert await reopened.counts() == {"queued": 0, "active": 0, "dead": 0}
     finally:
         await reopened.aclose()
+
+
+async def test_hybrid_does_not_write_a_message_the_provider_took_before_the_spool_could(
+    start_gateway: GatewayFactory, api: FakeAPI
+) -> None:
+    """The race's other outcome: while the spool's writer is busy, the provider accepts; the
+    queued put is withdrawn (never inserted, never fsynced, never deleted)."""
+    gw = await start_gateway(providers=http_provider(api), delivery={"mode": "hybrid"})
+    spool = cast(SqliteSpool, gw.spool)
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:  # a slow batch ahead of the message's put
+        busy.set()
+        release.wait(10)
+
+    holder = asyncio.create_task(spool.writer.submit(hold))
+    assert await asyncio.to_thread(busy.wait, 10)
+    ops = spool.stats.ops
+    code, text = await in_thread(send, gw.port(), simple_message())
+    assert (code, text) == (250, "2.0.0 Ok: fake-1")
+    release.set()
+    await holder
+    await spool.check_writable()  # a later batch: the withdrawn put would have gone before it
+    assert spool.stats.ops == ops + 2  # ``hold`` and check_writable: no put, no removal
+    assert await spool.counts() == {"queued": 0, "active": 0, "dead": 0}
+    assert len(api.requests) == 1

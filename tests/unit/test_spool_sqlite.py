@@ -21,6 +21,7 @@ from smtp2api.config import SpoolSettings
 from smtp2api.errors import SpoolError, SpoolFull
 from smtp2api.models import Envelope
 from smtp2api.spool import SpoolEntry, SqliteSpool, new_message_id, open_spool, sqlite_path
+from smtp2api.spool.base import Withdrawn
 from smtp2api.spool.sqlite_io import spool_error
 from smtp2api.spool.sqlite_schema import SCHEMA_VERSION, decode_list, encode_list
 
@@ -446,3 +447,74 @@ def test_message_ids_are_url_safe_unique_and_time_sorted() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert len({new_message_id() for _ in range(10_000)}) == 10_000
+
+
+# --- withdrawing a put (hybrid mode's race, intake.py) -------------------------------------
+
+
+async def test_a_withdrawn_put_is_never_written_and_the_rest_of_its_batch_is(
+    spool: SqliteSpool,
+) -> None:
+    first, second, third = entry(1), entry(2), entry(3)
+    async with writer_blocked(spool):
+        puts = [asyncio.create_task(spool.put(e)) for e in (first, second, third)]
+        await asyncio.sleep(0)  # each put is queued behind the blocking op
+        commits = spool.stats.commits
+        assert spool.withdraw(second.id)
+        assert not spool.withdraw(second.id)  # once
+    outcomes = await asyncio.gather(*puts, return_exceptions=True)
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], Withdrawn)
+    assert outcomes[2] is None
+    assert {s.id for s in await spool.list()} == {first.id, third.id}
+    assert spool.stats.commits == commits + 2  # the blocking op's batch, then one for the two
+
+
+async def test_a_put_the_writer_has_taken_cannot_be_withdrawn(spool: SqliteSpool) -> None:
+    e = entry(1)
+    await spool.put(e)
+    assert not spool.withdraw(e.id)
+    taken, gate = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:  # runs in the same batch, after the put
+        taken.set()
+        gate.wait(10)
+
+    second = entry(2)
+    async with writer_blocked(spool):
+        put = asyncio.create_task(spool.put(second))
+        holder = asyncio.create_task(spool.writer.submit(hold))
+        await asyncio.sleep(0)
+    assert await asyncio.to_thread(taken.wait, 10)  # the put ran before ``hold``
+    assert not spool.withdraw(second.id)
+    gate.set()
+    await asyncio.gather(put, holder)
+    assert await spool.get(second.id) is not None
+
+
+async def test_a_batch_of_withdrawn_puts_costs_no_commit(spool: SqliteSpool) -> None:
+    entries = [entry(n) for n in range(5)]
+    async with writer_blocked(spool):
+        puts = [asyncio.create_task(spool.put(e)) for e in entries]
+        await asyncio.sleep(0)
+        commits = spool.stats.commits
+        assert all(spool.withdraw(e.id) for e in entries)
+    outcomes = await asyncio.gather(*puts, return_exceptions=True)
+    assert all(isinstance(o, Withdrawn) for o in outcomes)
+    await spool.check_writable()  # the writer went on: this op is the next batch
+    assert spool.stats.commits == commits + 2  # the blocking op's, then check_writable's
+    assert await spool.counts() == {"queued": 0, "active": 0, "dead": 0}
+
+
+async def test_a_large_body_is_written_through_blob_io_and_reads_back_whole(
+    spool: SqliteSpool,
+) -> None:
+    body = bytes(range(256)) * (5 * 4096 + 17)  # 5.2 MB, not a multiple of the chunk size
+    big = SpoolEntry.new(body, Envelope("a@example.com", ("b@example.net",)), ("outbox",), now=T0)
+    await spool.put(big)
+    got = await spool.get(big.id)
+    assert got is not None
+    assert got.raw == body
+    assert (await spool.list())[0].size == len(body)
+    with pytest.raises(SpoolError, match="write failed"):
+        await spool.put(big)  # the same id again: a constraint error, as for a small body

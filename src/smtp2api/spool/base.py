@@ -145,6 +145,10 @@ class SpoolSummary:
         )
 
 
+class Withdrawn(Exception):
+    """A ``put`` that ``Spool.withdraw`` took back before it was written: nothing was stored."""
+
+
 @runtime_checkable
 class Spool(Protocol):
     """Durable storage of accepted messages. Every method is a coroutine; none blocks the loop.
@@ -159,6 +163,17 @@ class Spool(Protocol):
 
         Hybrid mode puts the entry with ``next_attempt_at`` after its sync try (and
         ``attempts=1``), so the worker does not claim it while the session is still trying.
+        Raises ``Withdrawn`` if ``withdraw`` took it back before it was written.
+        """
+        ...
+
+    def withdraw(self, id: str) -> bool:
+        """Take back a ``put`` of ``id`` that has not started to be written; True if it never
+        will be (its ``put`` then raises ``Withdrawn``), False if it is being or has been
+        written, or if this spool cannot tell (then ``ack`` removes it as usual).
+
+        Hybrid mode races the put against the API call (design §1: 250 once durable *or*
+        accepted): when the provider answers first, the spool need not write at all.
         """
         ...
 

@@ -154,6 +154,11 @@ class PostgresSpool:
         if await self._write(schema.INSERT_ENTRY, params, notify=due_now) == 0:
             raise SpoolError(f"spool write failed: id {entry.id} already exists")
 
+    def withdraw(self, id: str) -> bool:
+        # A put goes to the server as soon as a pooled connection is free: nothing to take
+        # back cheaply, so a delivered hybrid message is acked as usual.
+        return False
+
     async def claim(self, limit: int, now: float) -> builtins.list[SpoolEntry]:
         if limit <= 0:
             return []

@@ -45,6 +45,9 @@ _RETRY = (
     "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?, "
     "created_at = CASE WHEN state = 'dead' THEN ? ELSE created_at END "
 )
+# Bodies larger than this are written through incremental blob I/O (see ``put``).
+_STREAM_BYTES = 1024 * 1024
+_BLOB_CHUNK = 256 * 1024
 _Suspects = builtins.list[tuple[int, str]]  # (rowid, reason) of rows that did not decode
 _Quarantined = builtins.list[tuple[str, str]]  # (msg_id, reason) moved to quarantine
 
@@ -147,7 +150,28 @@ class SqliteSpool:
 
     async def put(self, entry: SpoolEntry) -> None:
         params = schema.encode_entry(entry, time.time(), self.lease)
-        await self._change(schema.INSERT_ENTRY, params)
+        if not self._ready:
+            await self.start()
+        if len(entry.raw) <= _STREAM_BYTES:
+            await self.writer.execute(schema.INSERT_ENTRY, params, key=entry.id)
+            return
+        raw = memoryview(entry.raw)
+
+        def op(conn: sqlite3.Connection) -> None:
+            # Bound as a parameter, a blob is copied by SQLite and copied again into the
+            # record it builds: three copies of a 25 MB message at once. A zeroblob takes
+            # no memory, and incremental blob I/O writes the body into the row's pages one
+            # chunk at a time (https://www.sqlite.org/c3ref/blob_open.html).
+            row = conn.execute(schema.INSERT_ENTRY_ZEROBLOB, (*params[:-1], len(raw))).lastrowid
+            assert row is not None
+            with conn.blobopen("messages", "raw", row) as blob:
+                for start in range(0, len(raw), _BLOB_CHUNK):
+                    blob.write(raw[start : start + _BLOB_CHUNK])
+
+        await self.writer.submit(op, key=entry.id)
+
+    def withdraw(self, id: str) -> bool:
+        return self.writer.withdraw(id)
 
     async def claim(self, limit: int, now: float) -> builtins.list[SpoolEntry]:
         lease_until = now + self.lease

@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 import structlog
 
 from smtp2api.errors import SpoolError, SpoolFull
+from smtp2api.spool.base import Withdrawn
 from smtp2api.spool.sqlite_files import WriteLock
 
 T = TypeVar("T")
@@ -69,10 +70,14 @@ class WriterStats:
     quarantined: int = 0  # rows moved to the quarantine table (counted by the spool)
 
 
-class _Pending:
-    """One op: ``fn(conn)``, or when ``fn`` is None the single statement ``sql``/``params``."""
+_QUEUED, _TAKEN, _WITHDRAWN = 0, 1, 2  # an op's state; changed under Writer._claim only
 
-    __slots__ = ("fn", "future", "loop", "params", "sql")
+
+class _Pending:
+    """One op: ``fn(conn)``, or when ``fn`` is None the single statement ``sql``/``params``.
+    ``key``: the op may be withdrawn by that key until the writer takes it."""
+
+    __slots__ = ("fn", "future", "key", "loop", "params", "sql", "state")
 
     def __init__(
         self,
@@ -81,19 +86,25 @@ class _Pending:
         params: Sequence[object],
         future: asyncio.Future[Any],
         loop: asyncio.AbstractEventLoop,
+        *,
+        key: str | None = None,
     ) -> None:
         self.fn = fn
         self.sql = sql
         self.params = params
         self.future = future
         self.loop = loop
+        self.key = key
+        self.state = _QUEUED
 
 
 _Outcome = tuple[_Pending, bool, Any]  # (op, succeeded, result or exception)
 
 
-def _settle(outcomes: list[_Outcome]) -> None:
+def _settle(outcomes: list[_Outcome], withdrawable: dict[str, _Pending]) -> None:
     for pending, ok, value in outcomes:
+        if pending.key is not None and withdrawable.get(pending.key) is pending:
+            del withdrawable[pending.key]  # ran (or failed): too late to withdraw it
         if pending.future.done():  # the caller was cancelled; the op ran anyway
             continue
         if ok:
@@ -142,6 +153,8 @@ class Writer:
         self.stats = WriterStats() if stats is None else stats
         self.fault_hook: Callable[[], None] | None = None  # test seam: runs before COMMIT
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._withdrawable: dict[str, _Pending] = {}  # keyed ops not settled yet (loop side)
+        self._claim = threading.Lock()  # an op is either taken by the thread or withdrawn
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started: asyncio.Future[None] | None = None
         self._closed = False
@@ -157,22 +170,55 @@ class Writer:
             self._closed = True
             raise
 
-    async def submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return cast(T, await self._enqueue(fn, "", ()))
+    async def submit(self, fn: Callable[[sqlite3.Connection], T], *, key: str | None = None) -> T:
+        return cast(T, await self._enqueue(fn, "", (), key))
 
-    async def execute(self, sql: str, params: Sequence[object]) -> int:
-        """Run one statement; its rowcount once committed. Cheaper than ``submit``: no savepoint."""
-        return cast(int, await self._enqueue(None, sql, params))
+    async def execute(self, sql: str, params: Sequence[object], *, key: str | None = None) -> int:
+        """Run one statement; its rowcount once committed. Cheaper than ``submit``: no savepoint.
+
+        With a ``key``, ``withdraw(key)`` can take the op back until the thread takes it."""
+        return cast(int, await self._enqueue(None, sql, params, key))
 
     def _enqueue(
-        self, fn: Callable[[sqlite3.Connection], Any] | None, sql: str, params: Sequence[object]
+        self,
+        fn: Callable[[sqlite3.Connection], Any] | None,
+        sql: str,
+        params: Sequence[object],
+        key: str | None,
     ) -> asyncio.Future[Any]:
         if self._closed:
             raise SpoolError("spool is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Pending(fn, sql, params, future, loop))
+        item = _Pending(fn, sql, params, future, loop, key=key)
+        if key is not None:
+            self._withdrawable[key] = item
+        self._queue.put(item)
         return future
+
+    def withdraw(self, key: str) -> bool:
+        """Take back the op submitted with ``key`` if the thread has not taken it yet: it will
+        never run, and its awaiter gets ``Withdrawn``. Call from the op's event loop."""
+        item = self._withdrawable.pop(key, None)
+        if item is None:
+            return False
+        with self._claim:
+            if item.state != _QUEUED:
+                return False
+            item.state = _WITHDRAWN
+        if not item.future.done():
+            item.future.set_exception(Withdrawn())
+        return True
+
+    def _take(self, item: _Pending) -> bool:
+        """In the thread: claim ``item`` for this batch unless it was withdrawn."""
+        if item.key is None:
+            return True
+        with self._claim:
+            if item.state == _WITHDRAWN:
+                return False
+            item.state = _TAKEN
+            return True
 
     async def close(self) -> None:
         """Run what is queued, then stop the thread and close the connection."""
@@ -218,6 +264,8 @@ class Writer:
             first = self._queue.get()
             if first is None:
                 return
+            if not self._take(first):
+                continue  # withdrawn: no lock, no transaction, no fsync for it
             batch = [first]
             stop = False
             # The lock first, then the rest of the batch: what is queued while another
@@ -225,6 +273,7 @@ class Writer:
             locked = self._acquire()
             try:
                 stop = self._fill(batch)
+                batch = [item for item in batch if item is first or self._take(item)]
                 outcomes = self._commit_batch(conn, batch)
             except Exception as exc:  # a bug must not kill the thread with callers waiting
                 log.exception("spool_writer_error")
@@ -337,7 +386,7 @@ class Writer:
             # One wake-up of the event loop per batch, not one per op. RuntimeError: the loop
             # is closed, so nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, items)
+                loop.call_soon_threadsafe(_settle, items, self._withdrawable)
 
     def _fail_leftovers(self) -> None:
         leftovers: list[_Outcome] = []

@@ -77,6 +77,10 @@ INSERT_ENTRY = (
     "?, ?)"
 )
 
+# The same row with a zero-filled ``raw`` of the given length, written afterwards through
+# incremental blob I/O (``SqliteSpool.put`` for large bodies).
+INSERT_ENTRY_ZEROBLOB = INSERT_ENTRY.removesuffix("?)") + "zeroblob(?))"
+
 
 class CorruptRow(SpoolError):
     """A stored row does not decode; ``reason`` is log-safe (names a column, never data)."""
