@@ -8,13 +8,15 @@ The events are the ones a message produces in hybrid mode at ``info`` (intake's
 ``message_subject`` debug call), with the SMTP session's context bound (``session_id``, ``peer``,
 ``msg_id``), written to a real file as the gateway does. The "before" module is read with
 ``git show REV:src/smtp2api/logs.py`` into a temporary directory; nothing in the work tree or
-the repository changes. CPU time (``time.process_time``) per line, best and median of the
-rounds, so other load on the machine inflates both sides alike.
+the repository changes. Lines are logged in a running event loop, ``--per-iteration`` messages
+per pass, so the sink's batching counts. CPU time (``time.process_time``) per line, best and
+median of the rounds, so other load on the machine inflates both sides alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import json
 import statistics
@@ -74,15 +76,27 @@ def load_before(rev: str, tmp: Path) -> ModuleType:
     return module
 
 
-def run(configure: Callable[..., None], stream: TextIO, messages: int) -> float:
-    """CPU seconds per line for ``messages`` messages' events."""
-    configure("info", "json", stream)
+def run(module: ModuleType, stream: TextIO, messages: int, per_iteration: int) -> float:
+    """CPU seconds per line for ``messages`` messages' events, logged in a running event loop
+    (as the gateway does), ``per_iteration`` messages per loop iteration, ``msg_id`` bound
+    per message with the module's ``bound``."""
+    module.configure_logging("info", "json", stream)
     log = structlog.get_logger("smtp2api.intake")
-    lines = 0
-    with structlog.contextvars.bound_contextvars(**CONTEXT):
+    msg_id = CONTEXT["msg_id"]
+
+    async def burst() -> int:
+        lines = 0
+        for i in range(messages):
+            with module.bound(msg_id=msg_id):
+                lines += message_events(log)
+            if i % per_iteration == per_iteration - 1:
+                await asyncio.sleep(0)  # the next iteration writes what this one logged
+        return lines
+
+    context = {k: v for k, v in CONTEXT.items() if k != "msg_id"}
+    with structlog.contextvars.bound_contextvars(**context):
         start = time.process_time()
-        for _ in range(messages):
-            lines += message_events(log)
+        lines = asyncio.run(burst())
         used = time.process_time() - start
     return used / lines
 
@@ -107,20 +121,24 @@ def main() -> int:
     parser.add_argument("--before", default="HEAD", help="git revision of the old logs.py")
     parser.add_argument("--lines", type=int, default=20000, help="log lines per round and side")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--per-iteration", type=int, default=1, help="messages per loop pass")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         before = load_before(args.before, tmp)
-        sides = {"before": before.configure_logging, "now": logs_now.configure_logging}
-        same = sample_lines(sides["before"], tmp, "a") == sample_lines(sides["now"], tmp, "b")
+        sides = {"before": before, "now": logs_now}
+        same = sample_lines(before.configure_logging, tmp, "a") == sample_lines(
+            logs_now.configure_logging, tmp, "b"
+        )
         print(f"same events (timestamps aside): {same}")
         results: dict[str, list[float]] = {name: [] for name in sides}
         with (tmp / "log.jsonl").open("w") as stream:
             for _ in range(args.rounds):
-                for name, configure in sides.items():  # alternate: A B A B ...
+                for name, module in sides.items():  # alternate: A B A B ...
                     stream.seek(0)
                     stream.truncate()
-                    results[name].append(run(configure, stream, args.lines // 3))
+                    per = args.per_iteration
+                    results[name].append(run(module, stream, args.lines // 3, per))
         structlog.reset_defaults()
     for name, values in results.items():
         print(

@@ -26,7 +26,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Session
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
-from smtp2api import replies
+from smtp2api import logs, replies
 from smtp2api.auth import Authenticator, AuthThrottle
 from smtp2api.models import Envelope
 from smtp2api.policy import Policy
@@ -521,7 +521,7 @@ class Handler:
         self.in_data.add(server)
         self._data_done.clear()
         try:
-            with structlog.contextvars.bound_contextvars(msg_id=msg_id):
+            with logs.bound(msg_id=msg_id):
                 reply = await self._accept(msg_id, content, model)
         finally:
             self._leave_data(server)

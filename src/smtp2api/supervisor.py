@@ -32,6 +32,7 @@ import structlog
 from smtp2api.app import ProcessSlot
 from smtp2api.config import Settings
 from smtp2api.errors import ConfigError, GatewayError
+from smtp2api.logs import flush_logs
 from smtp2api.systemd import Notifier
 from smtp2api.units import parse_hostport
 
@@ -284,6 +285,7 @@ class Supervisor:
         except BaseException:  # a worker must never return into the supervisor
             log.exception("worker_failed", worker=index)
         finally:
+            flush_logs()  # os._exit skips atexit: the lines gathered for the loop go now
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)

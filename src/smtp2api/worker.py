@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from smtp2api import replies
+from smtp2api import logs, replies
 from smtp2api.delivery import Deliverer
 from smtp2api.errors import (
     DeliveryError,
@@ -205,7 +205,7 @@ class Worker:
     # one entry --------------------------------------------------------------------------------
 
     async def _process(self, entry: SpoolEntry) -> None:
-        with structlog.contextvars.bound_contextvars(msg_id=entry.id, attempt=entry.attempts):
+        with logs.bound(msg_id=entry.id, attempt=entry.attempts):
             try:
                 await self._attempt(entry)
             except SpoolError as exc:

@@ -357,3 +357,12 @@ def test_a_secret_key_stays_masked_on_the_hot_path_whatever_its_value() -> None:
     for value in ("plain", 7, None, "a\nb"):
         log.info("x", api_key=value, session_token=value)
     assert all(e["api_key"] == MASK and e["session_token"] == MASK for e in events(buf))
+
+
+def test_bound_restores_each_key_as_it_was_even_nested() -> None:
+    bind(account="outer")
+    with bound(account="inner", msg_id="m1"):
+        with bound(msg_id="m2"):
+            assert structlog.contextvars.get_contextvars() == {"account": "inner", "msg_id": "m2"}
+        assert structlog.contextvars.get_contextvars() == {"account": "inner", "msg_id": "m1"}
+    assert structlog.contextvars.get_contextvars() == {"account": "outer"}
