@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smtp2api.controls import Controls, extract_controls, is_control_header
+from smtp2api.controls import (
+    CONTROL_HEADER_PREFIXES,
+    CONTROL_HEADERS,
+    Controls,
+    extract_controls,
+)
 from smtp2api.errors import MessageError
 from smtp2api.mime_headers import (
     HeaderField,
@@ -96,13 +101,13 @@ def _parse(
 ) -> tuple[Message, Controls]:
     section = scan_headers(raw, max_fields=limits.max_headers, max_bytes=limits.max_header_bytes)
     named = [f for f in section.fields if f.name]
-    control = [f for f in named if is_control_header(f.key)]
+    control = [f for f in named if _is_control(f.key)]
     # Controls see the unfolded text; each handler decides about RFC 2047 (JSON must not be
     # decoded blindly).
     controls = extract_controls([(f.name, f.text(encoded_words=False)) for f in control])
     dropped = [f for f in named if f.key in _BLIND_HEADERS] + control
 
-    body = Body() if headers_only else _body(raw, limits)
+    body = Body() if headers_only else _body(raw, limits, section)
 
     to, cc, bcc = _split_recipients(envelope.rcpt_tos, section)
     subject = section.first("subject")
@@ -131,13 +136,19 @@ def _parse(
     return message, controls
 
 
-def _body(raw: bytes, limits: MimeLimits) -> Body:
+def _is_control(key: str) -> bool:
+    # ``is_control_header`` for a key scan_headers made: already lower-case, no blanks.
+    return key in CONTROL_HEADERS or key.startswith(CONTROL_HEADER_PREFIXES)
+
+
+def _body(raw: bytes, limits: MimeLimits, section: HeaderSection) -> Body:
     root = parse_tree(
         raw,
         max_depth=limits.max_depth,
         max_parts=limits.max_parts,
         max_headers=limits.max_headers,
         max_header_bytes=limits.max_header_bytes,
+        top=[(f.name, f.start, f.end) for f in section.fields],
     )
     return walk(root, linesep="\r\n" if b"\r\n" in raw else "\n")
 
@@ -191,7 +202,7 @@ def _custom_headers(fields: list[HeaderField]) -> list[tuple[str, str]]:
     kept: list[tuple[str, str]] = []
     for f in fields:
         key = f.key
-        if not (key in _KEPT_HEADERS or key.startswith("x-")) or is_control_header(key):
+        if not (key in _KEPT_HEADERS or key.startswith("x-")) or _is_control(key):
             continue
         # X-* are unstructured (decode RFC 2047); the others are structured, where an
         # encoded-word may not appear (RFC 2047 §5), so their text is kept as written.

@@ -18,7 +18,7 @@ import binascii
 import itertools
 import quopri
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.message import Message as EmailMessage
 from email.parser import BytesParser
@@ -34,6 +34,7 @@ _PARAM_HEADER_CAP = 16 * 1024
 _PARAM_HEADERS = frozenset({"content-type", "content-disposition"})
 _T = TypeVar("_T")
 _MISSING = object()
+_CONTENT_TYPE_KEY = ("content-type",)  # in Part's per-header cache, beside the header names
 
 
 @dataclass
@@ -103,8 +104,9 @@ class Part(EmailMessage):
             counter.add_part(payload.depth)
         super().attach(payload)
 
-    def _index(self) -> tuple[list[str], dict[str, Any]]:
-        """The header names lower-cased, in order, and the parameters parsed per header so far.
+    def _index(self) -> tuple[list[str], dict[Any, Any]]:
+        """The header names lower-cased, in order, and what was parsed from them so far: the
+        parameters per header name, ``get_param`` results, the content type.
 
         compat32 lower-cases every name on every ``get`` and ``in``, and parses a header's
         parameters again for each one asked for; ``walk`` asks a dozen times per part. Rebuilt
@@ -134,6 +136,30 @@ class Part(EmailMessage):
 
     def __contains__(self, name: str) -> bool:
         return name.lower() in self._keys()
+
+    def get_param(
+        self, param: str, failobj: Any = None, header: str = "content-type", unquote: bool = True
+    ) -> Any:
+        """compat32's ``get_param``, computed once per (header, parameter): ``walk`` asks for
+        charset, filename and name, each parse of the parameter list costing far more than
+        the lookup. Values are str or tuples, so the cached one can be handed out again."""
+        params = self._index()[1]
+        key = (header.lower(), param.lower(), unquote)
+        if key not in params:
+            params[key] = EmailMessage.get_param(self, param, _MISSING, header, unquote)
+        found = params[key]
+        return failobj if found is _MISSING else found
+
+    def get_content_type(self) -> str:
+        """compat32's ``get_content_type``, computed once while the headers stay the same. The
+        default type (no Content-Type field) is not cached: a parser may still change it."""
+        keys, params = self._index()
+        if "content-type" not in keys:
+            return self.get_default_type()
+        ctype: str | None = params.get(_CONTENT_TYPE_KEY)
+        if ctype is None:
+            ctype = params[_CONTENT_TYPE_KEY] = EmailMessage.get_content_type(self)
+        return ctype
 
     @overload
     def get(self, name: str, failobj: None = None) -> Any: ...
@@ -169,9 +195,18 @@ class Part(EmailMessage):
 
 
 def parse_tree(
-    raw: bytes, *, max_depth: int, max_parts: int, max_headers: int, max_header_bytes: int
+    raw: bytes,
+    *,
+    max_depth: int,
+    max_parts: int,
+    max_headers: int,
+    max_header_bytes: int,
+    top: Sequence[tuple[str, int, int]] = (),
 ) -> EmailMessage:
-    """Parse ``raw`` into a compat32 tree that stays within the limits (MessageError if not)."""
+    """Parse ``raw`` into a compat32 tree that stays within the limits (MessageError if not).
+
+    ``top``: the top-level fields as (name, start, end), if the caller has already found them
+    (``mime_headers.scan_headers``); the splitter then need not match them again."""
 
     def start() -> tuple[_ParsePolicy, Callable[..., Part]]:
         counter = _Counter(max_depth, max_parts, max_headers, max_header_bytes)
@@ -187,7 +222,7 @@ def parse_tree(
     policy, factory = start()
     try:
         root = factory()
-        if _Splitter(raw, policy, factory).fill(root, 0, len(raw)):
+        if _Splitter(raw, policy, factory, top).fill(root, 0, len(raw)):
             return root
     except MessageError:
         pass  # a limit: feedparser, reading the same parts in the same order, says which
@@ -209,22 +244,57 @@ _DELIMITER_END = re.compile(rb"(--)?[ \t]*(?=[\r\n]|\Z)")
 class _Splitter:
     """Fills parts from regions of one raw message, as feedparser would, or gives up."""
 
-    def __init__(self, raw: bytes, policy: _ParsePolicy, factory: Callable[[], Part]) -> None:
+    def __init__(
+        self,
+        raw: bytes,
+        policy: _ParsePolicy,
+        factory: Callable[[], Part],
+        top: Sequence[tuple[str, int, int]] = (),
+    ) -> None:
         self.raw = raw
         self.policy = policy
         self.factory = factory
+        self.top = top
+
+    def _known_fields(self) -> list[tuple[int, int, int]] | None:
+        """(start, colon, end) of the top-level fields from ``top``, where they are exactly
+        what _FIELD would match from the start of ``raw`` (contiguous, a name right before the
+        colon, each ended by a line break since the empty line follows); None otherwise."""
+        raw, pos = self.raw, 0
+        spans: list[tuple[int, int, int]] = []
+        for name, start, end in self.top:
+            colon = start + len(name)
+            if not name or start != pos or raw[colon] != 0x3A or raw[end - 1] not in b"\r\n":
+                return None
+            spans.append((start, colon, end))
+            pos = end
+        return spans if _EMPTY_LINE.match(raw, pos) else None
 
     def fill(self, part: Part, start: int, end: int) -> bool:
         """Give ``part`` the headers and body of ``raw[start:end]``; False if that region is
         outside the strict subset (the caller then lets feedparser do it all)."""
         raw, pos = self.raw, start
+        counter = self.policy.counter
+        headers: list[tuple[str, str]] = part._headers  # type: ignore[attr-defined]
+        known = self._known_fields() if start == 0 and self.top else None
+        for field_start, colon, field_end in known or ():
+            counter.add_header(field_end - field_start)
+            name = raw[field_start:colon].decode("ascii")
+            value = raw[colon + 1 : field_end].decode("ascii", "surrogateescape")
+            headers.append((name, value.lstrip(" \t").rstrip("\r\n")))
+            pos = field_end
         while not _EMPTY_LINE.match(raw, pos, end):
             field = _FIELD.match(raw, pos, end)
             if field is None:  # junk, a "From " line, or no empty line before the end
                 return False
-            text = raw[pos : field.end()].decode("ascii", "surrogateescape")
-            part.set_raw(*self.policy.header_source_parse([text]))
-            pos = field.end()
+            field_end = field.end()
+            # What _ParsePolicy.header_source_parse makes of the field's lines, inlined: the
+            # name before the first colon, the value after it less leading blanks and the
+            # final line break (compat32 keeps the inner line breaks of a folded field).
+            counter.add_header(field_end - pos)
+            name, value = raw[pos:field_end].decode("ascii", "surrogateescape").split(":", 1)
+            headers.append((name, value.lstrip(" \t").rstrip("\r\n")))
+            pos = field_end
         body = _EMPTY_LINE.match(raw, pos, end).end()  # type: ignore[union-attr]
         maintype = part.get_content_maintype()
         if maintype == "message" or part.get_content_type() == "multipart/digest":

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from smtp2api import mime_tree
 from smtp2api.errors import MessageError
 from smtp2api.mime import MimeLimits, parse_message
+from smtp2api.mime_headers import scan_headers
 from smtp2api.mime_tree import Part, _Counter, _ParsePolicy, _Splitter, source_content
 from smtp2api.models import Envelope
 
@@ -323,3 +324,32 @@ def test_a_large_base64_attachment_is_decoded_in_place() -> None:
     (attachment,) = message.attachments
     assert len(attachment.content) > 0.7 * len(raw)
     assert peak < 0.9 * len(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"From: a@x\r\nSubject: hi\r\n folded\r\n\r\nbody\r\n",
+        b"Bcc : b@x\r\nSubject: hi\r\n\r\nbody\r\n",  # blank before the colon: not reused
+        b"junk line\r\nSubject: hi\r\n\r\nbody\r\n",  # a junk line: not reused
+        b"Subject: hi\r\nFrom: a@x",  # no empty line
+        b"Subject:\r\n\r\n",  # empty value, empty body
+        b"Subject: a\rTo: b@x\n\r\n--b\r\n",  # bare CR and LF
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nX: 1\r\n\r\nt\r\n--b--\r\n",
+    ],
+)
+def test_top_fields_found_by_scan_headers_give_the_same_tree(raw: bytes) -> None:
+    section = scan_headers(raw, max_fields=1000, max_bytes=10**6)
+    top = [(f.name, f.start, f.end) for f in section.fields]
+    counter, policy, factory = _parts()
+    root = factory()
+    if _Splitter(raw, policy, factory, top).fill(root, 0, len(raw)):
+        expected, expected_counter = feedparser_tree(raw)
+        assert_same_tree(expected, root)
+        assert (counter.headers, counter.header_bytes) == (
+            expected_counter.headers,
+            expected_counter.header_bytes,
+        )
+    else:
+        assert splitter_tree(raw)[0] is None  # declined with or without the known fields
+    assert_same_message(raw)
