@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import yarl
 
 # Headers httpx always sets itself; aiohttp must not add its own variants of them.
 _SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -31,7 +32,7 @@ Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 @contextlib.contextmanager
-def map_aiohttp_errors(request: httpx.Request) -> Iterator[None]:
+def map_aiohttp_errors(request: httpx.Request | None) -> Iterator[None]:
     """aiohttp's exceptions as the httpx exceptions its own transport raises for the same
     failure (``httpx/_transports/default.py``'s ``map_httpcore_exceptions``, in reverse)."""
     try:
@@ -59,7 +60,7 @@ def map_aiohttp_errors(request: httpx.Request) -> Iterator[None]:
 
 
 class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request | None) -> None:
         self._response = response
         self._request = request
 
@@ -73,23 +74,44 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._response.release()
 
 
+async def read_bounded(
+    response: aiohttp.ClientResponse, request: httpx.Request | None, limit: int
+) -> bytes:
+    """At most ``limit`` bytes of the body as received, without a stream wrapper per request;
+    a body that breaks off is cut short (``providers.request.read_limited``'s contract)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with map_aiohttp_errors(request):
+            while size < limit:
+                chunk = await response.content.readany()
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+    except httpx.TransportError:
+        pass
+    return b"".join(chunks)[:limit]
+
+
+@functools.lru_cache(maxsize=256)
+def _yarl_url(url: str) -> yarl.URL:
+    # httpx's URL is percent-encoded already; parsed once per provider URL, not per request.
+    return yarl.URL(url, encoded=True)
+
+
 async def _body(stream: httpx.AsyncByteStream) -> AsyncIterator[bytes]:
     async for chunk in stream:
         yield chunk
-
-
-def _timeouts(request: httpx.Request) -> aiohttp.ClientTimeout:
-    """httpx's per-phase timeouts, as far as aiohttp has them (no write timeout: the
-    provider's overall deadline bounds a stalled upload)."""
-    phases: Mapping[str, float | None] = request.extensions.get("timeout", {})
-    return _client_timeout(phases.get("pool"), phases.get("connect"), phases.get("read"))
 
 
 @functools.lru_cache(maxsize=64)  # a provider's budget gives the same three every time
 def _client_timeout(
     pool: float | None, connect: float | None, read: float | None
 ) -> aiohttp.ClientTimeout:
-    # aiohttp's ``connect`` covers waiting for a pooled connection plus making a new one.
+    # httpx's per-phase timeouts, as far as aiohttp has them (no write timeout: the provider's
+    # overall deadline bounds a stalled upload). aiohttp's ``connect`` covers waiting for a
+    # pooled connection plus making a new one.
     waiting = None if pool is None and connect is None else (pool or 0.0) + (connect or 0.0)
     return aiohttp.ClientTimeout(total=None, connect=waiting, sock_connect=connect, sock_read=read)
 
@@ -173,7 +195,29 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._open()
+        return self.as_httpx(await self.send_bare(request), request)
+
+    @staticmethod
+    def as_httpx(response: aiohttp.ClientResponse, request: httpx.Request | None) -> httpx.Response:
+        """aiohttp's response as httpx's, its body streamed on demand."""
+        return httpx.Response(
+            response.status,
+            headers=list(response.raw_headers),
+            stream=_ResponseStream(response, request),
+            extensions={
+                "http_version": f"HTTP/{response.version.major}.{response.version.minor}".encode()
+                if response.version
+                else b"HTTP/1.1",
+                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
+            },
+        )
+
+    read_bounded = staticmethod(read_bounded)
+
+    async def send_bare(self, request: httpx.Request) -> aiohttp.ClientResponse:
+        """The request sent, aiohttp's response without an ``httpx.Response`` around it: for
+        ``providers.request.bounded_request``, which needs only status, headers and a bounded
+        body (``read_bounded``). The caller must ``release()`` it."""
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in request.headers.raw
@@ -189,31 +233,46 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         else:
             assert isinstance(request.stream, httpx.AsyncByteStream)
             body = _body(request.stream)
-        token = _TRACE.set(request.extensions.get("trace"))
+        return await self.send_parts(
+            request.method,
+            str(request.url),
+            headers,
+            body,
+            phases=request.extensions.get("timeout", {}),
+            trace=request.extensions.get("trace"),
+            request=request,
+        )
+
+    async def send_parts(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes | io.BytesIO | AsyncIterator[bytes],
+        *,
+        phases: Mapping[str, float | None],
+        trace: Trace | None,
+        request: httpx.Request | None = None,
+    ) -> aiohttp.ClientResponse:
+        """``send_bare`` from a request's parts, for a caller that has no ``httpx.Request``
+        (``providers.request``'s lean path); the exceptions raised then carry none."""
+        session = self._open()
+        token = _TRACE.set(trace)
         try:
             with map_aiohttp_errors(request):
-                response = await session.request(
-                    request.method,
-                    str(request.url),
+                return await session.request(
+                    method,
+                    _yarl_url(url),
                     headers=headers,
                     data=body,
                     allow_redirects=False,
-                    timeout=_timeouts(request),
+                    timeout=_client_timeout(
+                        phases.get("pool"), phases.get("connect"), phases.get("read")
+                    ),
                     compress=None,
                 )
         finally:
             _TRACE.reset(token)
-        return httpx.Response(
-            response.status,
-            headers=list(response.raw_headers),
-            stream=_ResponseStream(response, request),
-            extensions={
-                "http_version": f"HTTP/{response.version.major}.{response.version.minor}".encode()
-                if response.version
-                else b"HTTP/1.1",
-                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
-            },
-        )
 
     async def aclose(self) -> None:
         self._closed = True

@@ -158,8 +158,9 @@ class HttpApiProvider:
             secrets.append(key)
         for header in _PER_MESSAGE:  # set on each request
             headers.pop(header, None)
-        # Encoded once: each request appends its own few to a copy of this list.
-        self._headers = tuple(headers.raw)
+        # Checked once (``Headers`` takes ASCII only): each request appends its own few to a
+        # copy of these, which ``bounded_request`` passes to aiohttp as they are.
+        self._headers = tuple((k.decode("ascii"), v.decode("ascii")) for k, v in headers.raw)
         self._secrets = tuple(secrets)  # redacted should the API echo one in an error
 
     def __repr__(self) -> str:  # never the headers: they hold the key

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from smtp2api.errors import ConnectFailed, OutcomeUnknown, PayloadBug, ProviderConfigError
+from smtp2api.providers.lean import bare_transport, lean_parts, parsed_url, send_bare
 from smtp2api.providers.upstream import refusal_in
 
 MAX_ERROR_BODY = 64 * 1024  # bytes of a response body ever read: ids and error messages are small
@@ -149,11 +150,6 @@ def _timeout_extension(budget: float) -> Mapping[str, float | None]:
     return types.MappingProxyType(phase_timeouts(budget).as_dict())
 
 
-@functools.lru_cache(maxsize=256)
-def _parsed_url(url: str) -> httpx.URL:
-    return httpx.URL(url)  # immutable; a provider posts to the same few URLs every time
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class ApiAnswer:
     """One API answer: status, headers and at most ``MAX_ERROR_BODY`` bytes of body."""
@@ -187,7 +183,7 @@ def _direct_request(
         return None
     if not request.keys() <= _BUILDABLE or client.params or client.cookies:
         return None
-    target = _parsed_url(url)
+    target = parsed_url(url)
     if target.is_relative_url or target.userinfo:
         return None
     headers, names = _merged_headers(client.headers, request.pop("headers", None))
@@ -311,18 +307,61 @@ async def bounded_request(
     try:
         with map_http_errors(progress):
             async with asyncio.timeout(budget):
+                lean = lean_parts(client, url, request)
+                if lean is not None:
+                    transport, lean_url, lean_headers, content = lean
+                    raw = await transport.send_parts(
+                        method,
+                        lean_url,
+                        lean_headers,
+                        content,
+                        phases=extensions["timeout"],
+                        trace=progress.trace,
+                    )
+                    try:
+                        status, headers = raw.status, httpx.Headers(list(raw.raw_headers))
+                        body = await _read_bare(transport, raw, None, headers, limit)
+                    finally:
+                        raw.release()
+                    return ApiAnswer(status, headers, body)
                 built = _direct_request(client, method, url, extensions, dict(request))
-                if built is not None:
-                    response = await _send_direct(client, built)
-                else:  # the general path: everything ``AsyncClient.stream`` does
-                    response = await _send_general(client, method, url, extensions, dict(request))
-                try:
-                    status, headers = response.status_code, response.headers
-                    body = await read_limited(response, limit)
-                finally:
-                    await response.aclose()
+                bare = None if built is None else bare_transport(client, built)
+                if bare is not None:
+                    assert built is not None
+                    raw = await send_bare(client, bare, built)
+                    try:
+                        status, headers = raw.status, httpx.Headers(list(raw.raw_headers))
+                        body = await _read_bare(bare, raw, built, headers, limit)
+                    finally:
+                        raw.release()
+                else:
+                    if built is not None:
+                        response = await _send_direct(client, built)
+                    else:  # the general path: everything ``AsyncClient.stream`` does
+                        response = await _send_general(
+                            client, method, url, extensions, dict(request)
+                        )
+                    try:
+                        status, headers = response.status_code, response.headers
+                        body = await read_limited(response, limit)
+                    finally:
+                        await response.aclose()
     except OutcomeUnknown:
         if status is None:
             raise
     assert headers is not None  # set with the status, before any body was read
     return ApiAnswer(status, headers, body)
+
+
+async def _read_bare(
+    transport: Any,
+    response: Any,
+    request: httpx.Request | None,
+    headers: httpx.Headers,
+    limit: int,
+) -> bytes:
+    """``read_limited`` for ``_send_bare``'s response."""
+    if "content-encoding" in headers:  # not asked for (guard_client), yet possible: decode
+        return await read_limited(transport.as_httpx(response, request), limit)
+    body: bytes = await transport.read_bounded(response, request, limit)
+    return body
