@@ -429,8 +429,10 @@ async def test_hybrid_replies_before_the_spool_commits_and_shutdown_waits_for_it
         release.wait(10)
 
     spool.writer.fault_hook = slow_commit
+    spool.writer.hold = 0.0  # no hold, and a slow API: the writer surely takes the put first
+    api.default = Answer(200, json={"id": "slow-1"}, delay=0.3)
     code, text = await in_thread(send, gw.port(), simple_message())
-    assert (code, text) == (250, "2.0.0 Ok: fake-1")  # answered while the put is not durable
+    assert (code, text) == (250, "2.0.0 Ok: slow-1")  # answered while the put is not durable
     assert committing.is_set()
     assert len(api.requests) == 1
 

@@ -518,3 +518,35 @@ async def test_a_large_body_is_written_through_blob_io_and_reads_back_whole(
     assert (await spool.list())[0].size == len(body)
     with pytest.raises(SpoolError, match="write failed"):
         await spool.put(big)  # the same id again: a constraint error, as for a small body
+
+
+async def test_a_withdrawable_put_waits_for_its_hold_before_it_is_written(db: Path) -> None:
+    spool = await SqliteSpool.open(db, hold=30.0)  # longer than this test: no race
+    try:
+        first, second = entry(1), entry(2)
+        puts = [asyncio.create_task(spool.put(e)) for e in (first, second)]
+        await asyncio.sleep(0.05)  # an idle writer would have written both by now
+        assert spool.withdraw(first.id)
+        assert spool.withdraw(second.id)
+        outcomes = await asyncio.gather(*puts, return_exceptions=True)
+        assert all(isinstance(o, Withdrawn) for o in outcomes)
+        assert spool.stats.withdrawn == 2
+        assert spool.stats.ops == 0
+        await spool.check_writable()  # not withdrawable (no key): written at once
+        assert spool.stats.ops == 1
+    finally:
+        await spool.aclose()
+
+
+async def test_a_put_that_is_not_withdrawn_is_written_once_its_hold_is_over(db: Path) -> None:
+    spool = await SqliteSpool.open(db, hold=0.2)
+    try:
+        e = entry(1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await spool.put(e)
+        assert loop.time() - started >= 0.2
+        assert not spool.withdraw(e.id)
+        assert await spool.get(e.id) is not None
+    finally:
+        await spool.aclose()

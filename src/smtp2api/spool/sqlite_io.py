@@ -18,6 +18,7 @@ import errno
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class WriterStats:
     commits: int = 0  # successful COMMITs (= fsyncs of the WAL)
     failed_batches: int = 0
     largest_batch: int = 0
+    withdrawn: int = 0  # puts taken back before they were written (hybrid mode's race)
     quarantined: int = 0  # rows moved to the quarantine table (counted by the spool)
 
 
@@ -77,7 +79,7 @@ class _Pending:
     """One op: ``fn(conn)``, or when ``fn`` is None the single statement ``sql``/``params``.
     ``key``: the op may be withdrawn by that key until the writer takes it."""
 
-    __slots__ = ("fn", "future", "key", "loop", "params", "sql", "state")
+    __slots__ = ("due", "fn", "future", "key", "loop", "params", "sql", "state")
 
     def __init__(
         self,
@@ -88,7 +90,9 @@ class _Pending:
         loop: asyncio.AbstractEventLoop,
         *,
         key: str | None = None,
+        due: float = 0.0,
     ) -> None:
+        self.due = due  # monotonic time before which the writer does not start the op
         self.fn = fn
         self.sql = sql
         self.params = params
@@ -142,6 +146,7 @@ class Writer:
         open_lock: Callable[[], WriteLock | None] | None = None,
         group_commit: bool = True,
         max_batch: int = 1024,
+        hold: float = 0.0,
         stats: WriterStats | None = None,
         name: str = "smtp2api-spool-writer",
     ) -> None:
@@ -149,6 +154,7 @@ class Writer:
         self._open_lock = open_lock
         self.lock: WriteLock | None = None  # set in the thread; None: no flock (or given up)
         self.group_commit = group_commit
+        self.hold = hold
         self.max_batch = max(1, max_batch) if group_commit else 1
         self.stats = WriterStats() if stats is None else stats
         self.fault_hook: Callable[[], None] | None = None  # test seam: runs before COMMIT
@@ -190,7 +196,8 @@ class Writer:
             raise SpoolError("spool is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        item = _Pending(fn, sql, params, future, loop, key=key)
+        due = time.monotonic() + self.hold if key is not None and self.hold > 0 else 0.0
+        item = _Pending(fn, sql, params, future, loop, key=key, due=due)
         if key is not None:
             self._withdrawable[key] = item
         self._queue.put(item)
@@ -206,6 +213,7 @@ class Writer:
             if item.state != _QUEUED:
                 return False
             item.state = _WITHDRAWN
+        self.stats.withdrawn += 1
         if not item.future.done():
             item.future.set_exception(Withdrawn())
         return True
@@ -264,6 +272,13 @@ class Writer:
             first = self._queue.get()
             if first is None:
                 return
+            if first.due:
+                # A withdrawable put waits up to ``hold`` for the answer that makes it moot
+                # (the commit_delay idea of PostgreSQL, for a reason of our own). Anything
+                # queued meanwhile joins its batch: the wait also groups commits.
+                wait = first.due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
             if not self._take(first):
                 continue  # withdrawn: no lock, no transaction, no fsync for it
             batch = [first]
