@@ -9,13 +9,12 @@ import fcntl
 import json
 import os
 import random
-import sqlite3
 import stat
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from structlog.testing import capture_logs
 from smtp2api.models import Envelope
 from smtp2api.spool import SpoolEntry, SqliteSpool
 from smtp2api.spool.sqlite_files import lock_path, open_write_lock
+from tests.support.spool_writer import writer_blocked
 
 
 def entry(n: int) -> SpoolEntry:
@@ -58,31 +58,13 @@ def lock_is_free(db: Path) -> bool:
     return True
 
 
-@contextlib.asynccontextmanager
-async def inside_a_transaction(spool: SqliteSpool) -> AsyncIterator[None]:
-    """Hold the writer thread inside an op of a write transaction."""
-    started, gate = threading.Event(), threading.Event()
-
-    def block(conn: sqlite3.Connection) -> None:
-        started.set()
-        gate.wait(10)
-
-    blocker = asyncio.create_task(spool.writer.submit(block))
-    assert await asyncio.to_thread(started.wait, 10)
-    try:
-        yield
-    finally:
-        gate.set()
-        await blocker
-
-
 async def test_the_writer_holds_a_private_flock_only_during_its_transactions(db: Path) -> None:
     spool = await SqliteSpool.open(db)
     try:
         assert stat.S_IMODE(lock_path(db).stat().st_mode) == 0o600
         await spool.put(entry(1))
         assert lock_is_free(db)  # between transactions
-        async with inside_a_transaction(spool):
+        async with writer_blocked(spool):
             assert not lock_is_free(db)
         assert lock_is_free(db)
     finally:
@@ -120,7 +102,7 @@ async def test_a_peer_that_keeps_the_flock_is_outwaited_then_sqlite_decides(db: 
         async with asyncio.timeout(30):  # until the helper has had it and let it go
             while lock.waiting:
                 await asyncio.sleep(0.01)
-        async with inside_a_transaction(spool):  # back to taking it once it is free
+        async with writer_blocked(spool):  # back to taking it once it is free
             assert not lock_is_free(db)
         assert (await spool.counts())["queued"] == 2
     finally:

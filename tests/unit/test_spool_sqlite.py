@@ -24,6 +24,7 @@ from smtp2api.spool import SpoolEntry, SqliteSpool, new_message_id, open_spool, 
 from smtp2api.spool.base import Withdrawn
 from smtp2api.spool.sqlite_io import spool_error
 from smtp2api.spool.sqlite_schema import SCHEMA_VERSION, decode_list, encode_list
+from tests.support.spool_writer import writer_blocked
 
 T0 = 1_700_000_000.0
 
@@ -44,25 +45,6 @@ async def spool(db: Path) -> AsyncIterator[SqliteSpool]:
     s = await SqliteSpool.open(db)
     yield s
     await s.aclose()
-
-
-@contextlib.asynccontextmanager
-async def writer_blocked(spool: SqliteSpool) -> AsyncIterator[None]:
-    """Hold the writer thread inside an op, so that what is submitted meanwhile forms one batch."""
-    started, gate = threading.Event(), threading.Event()
-
-    def block(conn: sqlite3.Connection) -> None:
-        started.set()
-        gate.wait(10)
-
-    blocker = asyncio.create_task(spool.writer.submit(block))
-    assert await asyncio.to_thread(started.wait, 10)
-    try:
-        yield
-        await asyncio.sleep(0)  # let the caller's tasks run up to their submit()
-    finally:
-        gate.set()
-        await blocker
 
 
 def fail_on_call(number: int, exc: BaseException) -> Callable[[], None]:
