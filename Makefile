@@ -14,6 +14,8 @@ SYSTEM_PACKAGES += systemd prometheus
 SYSTEM_PACKAGES += postgresql
 # A TCP load balancer sending PROXY v1/v2 in front of the gateway (tests/integration/test_proxy_protocol.py).
 SYSTEM_PACKAGES += haproxy
+# ss: the listeners' accept-queue size (tests/integration/test_listen_backlog.py).
+SYSTEM_PACKAGES += iproute2
 
 .PHONY: install install-test system-deps run lint format typecheck test ci bench clean
 

@@ -48,6 +48,11 @@ from smtp2api.units import parse_hostport
 from smtp2api.worker import Worker, WorkerConfig
 
 log = structlog.get_logger("smtp2api.app")
+# listen(2) queue. asyncio's default (100) also applies to a socket the supervisor bound and
+# listened on: create_server(sock=...) calls listen() again. With more clients connecting at
+# once than that, the kernel drops SYNs and each dropped client waits a 1 s retransmit:
+# 200 clients in queue mode got 108 messages/s instead of 700+ (docs/performance.md).
+LISTEN_BACKLOG = 1024
 _GC_GEN0 = 10_000  # allocations between young-generation collections (CPython's default: 700)
 
 
@@ -259,7 +264,10 @@ class Gateway:
                 try:
                     servers = [
                         await loop.create_server(
-                            self._factory(kind), sock=sock, ssl=self._tls if kind == "tls" else None
+                            self._factory(kind),
+                            sock=sock,
+                            ssl=self._tls if kind == "tls" else None,
+                            backlog=LISTEN_BACKLOG,
                         )
                         for sock in inherited
                     ] or [
@@ -269,6 +277,7 @@ class Gateway:
                             port=port,
                             ssl=self._tls if kind == "tls" else None,
                             reuse_address=True,
+                            backlog=LISTEN_BACKLOG,
                         )
                     ]
                 except OSError as exc:

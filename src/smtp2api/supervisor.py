@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from smtp2api.app import ProcessSlot
+from smtp2api.app import LISTEN_BACKLOG, ProcessSlot
 from smtp2api.config import Settings
 from smtp2api.errors import ConfigError, GatewayError
 from smtp2api.logs import flush_logs
@@ -40,7 +40,6 @@ log = structlog.get_logger("smtp2api.supervisor")
 
 RunWorker = Callable[[Settings, ProcessSlot], int]
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-_BACKLOG = 1024  # listen(2) queue: bursts of new connections while workers are busy
 _START_TIMEOUT = 120.0  # the first worker opens (and maybe migrates) the spool
 _STABLE = 60.0  # a worker that lived this long had no crash loop: its backoff resets
 _PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -90,7 +89,7 @@ def _bind(address: str) -> list[socket.socket]:
                 # As asyncio does: "[::]" and "0.0.0.0" are two listeners, not one.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
-            sock.listen(_BACKLOG)
+            sock.listen(LISTEN_BACKLOG)
         except OSError:
             sock.close()
             for other in sockets:
