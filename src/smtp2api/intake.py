@@ -159,15 +159,19 @@ class Intake:
             attempts=1 if hybrid else 0,
             id=message.id,
         )
+        put: asyncio.Future[SpoolError | None]
         if hybrid and len(raw) <= _RACE_BYTES:
-            return await self._race(message, envelope, route, entry, deadline)
-        failed = await self._put(entry)
-        if failed is not None:
-            return self._done("error", message.raw, failed.reply)
-        if not hybrid:
-            self._wake()
-            return self._done("queued", message.raw, replies.ok_queued(message.id))
-        return await self._hybrid_try(message, envelope, route, deadline)
+            put = asyncio.ensure_future(self._put(entry))  # beside the API call: the race
+        else:
+            failed = await self._put(entry)
+            if failed is not None:
+                return self._done("error", message.raw, failed.reply)
+            if not hybrid:
+                self._wake()
+                return self._done("queued", message.raw, replies.ok_queued(message.id))
+            put = asyncio.get_running_loop().create_future()
+            put.set_result(None)  # durable already: the try below finds nothing to withdraw
+        return await self._hybrid_try(message, envelope, route, put, deadline)
 
     async def _put(self, entry: SpoolEntry) -> SpoolError | None:
         """Spool ``entry``; the error instead of raising it (this also runs as a task)."""
@@ -182,15 +186,16 @@ class Intake:
         log.info("message_spooled")
         return None
 
-    async def _race(
+    async def _hybrid_try(
         self,
         message: Message,
         envelope: Envelope,
         route: tuple[str, ...],
-        entry: SpoolEntry,
+        put: asyncio.Future[SpoolError | None],
         deadline: float,
     ) -> SMTPReply:
-        """Hybrid for a small message: spool and send at once (docs/architecture.md).
+        """The provider's try, with ``put`` in flight (a small message: docs/architecture.md)
+        or done (a large one, spooled first).
 
         Design §1 allows 250 once the message is durable *or* the provider has it, so the
         fsync of the spool need not come before the API call: the reply waits for whichever
@@ -200,9 +205,10 @@ class Intake:
         """
         spool = self._spool
         assert spool is not None
-        put = asyncio.create_task(self._put(entry))
+        # The budget ends at the deadline the entry was spooled with, however long put took.
+        budget = max(0.0, deadline - self._clock())
         try:
-            result = await self._send_within(message, envelope, route, deadline - self._clock())
+            result = await self._send_within(message, envelope, route, budget)
         except (PermanentDeliveryError, MessageError) as exc:
             reply = delivery_reply(exc, self.config.soft_bounce)
             if not reply.is_permanent:  # soft_bounce: kept for the worker, like a transient
@@ -236,7 +242,7 @@ class Intake:
         await self._defer(message.id, exc)
         return self._done("queued", message.raw, replies.ok_queued(message.id))
 
-    async def _ack_after(self, put: asyncio.Task[SpoolError | None], msg_id: str) -> None:
+    async def _ack_after(self, put: asyncio.Future[SpoolError | None], msg_id: str) -> None:
         if await put is None:
             await self._ack(msg_id)
 
@@ -246,34 +252,6 @@ class Intake:
         task = asyncio.ensure_future(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
-
-    async def _hybrid_try(
-        self, message: Message, envelope: Envelope, route: tuple[str, ...], deadline: float
-    ) -> SMTPReply:
-        assert self._spool is not None
-        # The budget ends at the deadline the entry was spooled with, however long put took.
-        budget = max(0.0, deadline - self._clock())
-        try:
-            result = await self._send_within(message, envelope, route, budget)
-        except (PermanentDeliveryError, MessageError) as exc:
-            reply = delivery_reply(exc, self.config.soft_bounce)
-            if reply.is_permanent:
-                # The client owns this failure now: it hears 5xx, so nothing stays queued.
-                await self._forget(message.id)
-                log.info("delivery_failed", reply=str(reply), detail=_detail(exc))
-                return self._done("rejected", message.raw, reply)
-            # soft_bounce: keep it queued and let the worker retry, like a transient error.
-            await self._defer(message.id, exc)
-            return self._done("queued", message.raw, replies.ok_queued(message.id))
-        except TransientDeliveryError as exc:
-            await self._defer(message.id, exc)
-            return self._done("queued", message.raw, replies.ok_queued(message.id))
-        # Delivered: the reply need not wait for the entry's removal (one commit less on the
-        # reply path; docs/performance.md). Until it commits the entry is out of the worker's
-        # reach (next_attempt_at), and if it never does, the worst case is a duplicate later.
-        self._background(self._ack(message.id))
-        _log_delivered(result, envelope, message)
-        return self._done("accepted", message.raw, _accepted_reply(result, message.id))
 
     async def _ack(self, msg_id: str) -> None:
         assert self._spool is not None

@@ -132,10 +132,10 @@ class SqliteSpool:
             stats=self.stats,
         )
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], key: str | None = None) -> T:
         if not self._ready:
             await self.start()
-        return await self.writer.submit(fn)
+        return await self.writer.submit(fn, key=key)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._ready:
@@ -150,18 +150,17 @@ class SqliteSpool:
 
     # --- writes ---------------------------------------------------------------------------
 
-    async def _change(self, sql: str, params: Sequence[object]) -> int:
-        """One statement, its rowcount (no savepoint: see ``Writer.execute``)."""
+    async def _change(self, sql: str, params: Sequence[object], key: str | None = None) -> int:
+        """One statement, its rowcount (no savepoint: see ``Writer.execute``); ``key`` makes
+        it withdrawable (``withdraw``)."""
         if not self._ready:
             await self.start()
-        return await self.writer.execute(sql, params)
+        return await self.writer.execute(sql, params, key=key)
 
     async def put(self, entry: SpoolEntry) -> None:
         params = schema.encode_entry(entry, time.time(), self.lease)
-        if not self._ready:
-            await self.start()
         if len(entry.raw) <= _STREAM_BYTES:
-            await self.writer.execute(schema.INSERT_ENTRY, params, key=entry.id)
+            await self._change(schema.INSERT_ENTRY, params, key=entry.id)
             return
         raw = memoryview(entry.raw)
 
@@ -176,7 +175,7 @@ class SqliteSpool:
                 for start in range(0, len(raw), _BLOB_CHUNK):
                     blob.write(raw[start : start + _BLOB_CHUNK])
 
-        await self.writer.submit(op, key=entry.id)
+        await self._write(op, key=entry.id)
 
     def withdraw(self, id: str) -> bool:
         return self.writer.withdraw(id)
